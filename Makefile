@@ -1,0 +1,35 @@
+# Two commands do everything: `make demo` (install, then sample from the shipped model)
+# and `make test`. Both install into a local virtual environment first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# the CPU build of torch first, so that `torch>=2.3` is already met (a bare `torch` pulls a CUDA build)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(VENV)/bin/difflab demo --out out/demo
+
+test: install
+	$(PY) -m pytest -n 2 --durations=15
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: install
+	$(PY) benchmarks/samplers.py
+	$(PY) benchmarks/nets.py
+	$(PY) benchmarks/digits.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache

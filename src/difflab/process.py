@@ -1,0 +1,137 @@
+"""The Gaussian forward process and its closed forms, and the one home of the
+eps / x0 / v / score conversions (`Prediction`).
+
+With a = alpha_bar_t:  x_t = sqrt(a) x0 + sqrt(1 - a) eps,   v = sqrt(a) eps - sqrt(1 - a) x0,
+score = -eps / sqrt(1 - a).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from difflab.schedules import Schedule, broadcast
+
+PREDICTION_TYPES = ("eps", "x0", "v")
+VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned")
+
+
+def check_prediction_type(kind: str) -> str:
+    if kind not in PREDICTION_TYPES:
+        raise ValueError(f"unknown prediction type {kind!r}; allowed: {', '.join(PREDICTION_TYPES)}")
+    return kind
+
+
+def check_variance_type(kind: str) -> str:
+    if kind not in VARIANCE_TYPES:
+        raise ValueError(f"unknown variance type {kind!r}; allowed: {', '.join(VARIANCE_TYPES)}")
+    return kind
+
+
+def check_data(x0: Tensor, name: str = "x0") -> Tensor:
+    """Reject what would silently poison training: non-float dtypes and NaN/inf values."""
+    if not isinstance(x0, Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x0).__name__}")
+    if x0.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        raise ValueError(
+            f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64) scaled to "
+            f"[-1, 1], got dtype {x0.dtype}; convert uint8 images with x / 127.5 - 1"
+        )
+    if not torch.isfinite(x0).all():
+        raise ValueError(f"{name} contains NaN or inf values; only finite values are allowed")
+    return x0
+
+
+# ---------------------------------------------------------------- forward process
+def q_mean_var(schedule: Schedule, x0: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """q(x_t | x_0) = N(sqrt(a) x0, (1 - a) I): its mean and (broadcastable) variance."""
+    ab = broadcast(schedule.alpha_bar_at(t), x0)
+    return ab.sqrt() * x0, 1.0 - ab
+
+
+def q_sample(schedule: Schedule, x0: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """Draw x_t from q(x_t | x_0) with the given noise (the reparameterization trick)."""
+    ab = broadcast(schedule.alpha_bar_at(t), x0)
+    return ab.sqrt() * x0 + (1.0 - ab).sqrt() * eps
+
+
+def q_step(schedule: Schedule, x_prev: Tensor, t: Tensor, eps: Tensor) -> Tensor:
+    """One Markov step q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)."""
+    beta = broadcast(schedule.betas.to(x_prev.device)[t], x_prev)
+    return (1.0 - beta).sqrt() * x_prev + beta.sqrt() * eps
+
+
+def posterior_mean_var(schedule: Schedule, x0: Tensor, x_t: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """q(x_{t-1} | x_t, x_0): mean, variance beta tilde and its log (clipped at t = 0)."""
+    dev = x_t.device
+    c0 = broadcast(schedule.posterior_mean_coef_x0.to(dev)[t], x_t)
+    ct = broadcast(schedule.posterior_mean_coef_xt.to(dev)[t], x_t)
+    var = broadcast(schedule.posterior_variance.to(dev)[t], x_t)
+    logvar = broadcast(schedule.posterior_log_variance_clipped.to(dev)[t], x_t)
+    return c0 * x0 + ct * x_t, var, logvar
+
+
+def model_log_variance(
+    schedule: Schedule, t: Tensor, kind: str, like: Tensor, var_frac: Tensor | None = None
+) -> Tensor:
+    """log Sigma_theta(x_t, t) for fixed small (beta tilde), fixed large (beta) or learned
+    variance, the last being exp(v log beta + (1 - v) log beta tilde) with v = `var_frac`."""
+    check_variance_type(kind)
+    dev = like.device
+    small = broadcast(schedule.posterior_log_variance_clipped.to(dev)[t], like)
+    if kind == "fixed_small":
+        return small.expand_as(like)
+    large = broadcast(torch.log(schedule.betas).to(dev)[t], like)
+    if kind == "fixed_large":
+        return broadcast(schedule.large_log_variance.to(dev)[t], like).expand_as(like)
+    if var_frac is None:
+        raise ValueError("variance type 'learned' needs the network's variance output (var_frac)")
+    return var_frac * large + (1.0 - var_frac) * small
+
+
+# ---------------------------------------------------------------- predictions
+@dataclass
+class Prediction:
+    """What a denoiser says about x_t: the clean data x0 and the noise eps (consistent with
+    each other given x_t), plus the learned-variance interpolation `var_frac` in [0, 1]."""
+
+    x0: Tensor
+    eps: Tensor
+    var_frac: Tensor | None = None
+
+    @classmethod
+    def from_output(cls, kind: str, output: Tensor, x_t: Tensor, alpha_bar: Tensor, var_frac=None) -> Prediction:
+        """Interpret a network output of parameterisation `kind` ('eps', 'x0' or 'v')."""
+        check_prediction_type(kind)
+        a = broadcast(alpha_bar, x_t)
+        s_a, s_1a = a.sqrt(), (1.0 - a).sqrt()
+        if kind == "eps":
+            return cls(x0=(x_t - s_1a * output) / s_a, eps=output, var_frac=var_frac)
+        if kind == "x0":
+            return cls(x0=output, eps=(x_t - s_a * output) / s_1a, var_frac=var_frac)
+        # v: x0 = sqrt(a) x_t - sqrt(1-a) v,  eps = sqrt(1-a) x_t + sqrt(a) v
+        return cls(x0=s_a * x_t - s_1a * output, eps=s_1a * x_t + s_a * output, var_frac=var_frac)
+
+    @classmethod
+    def from_x0(cls, x0: Tensor, x_t: Tensor, alpha_bar: Tensor) -> Prediction:
+        return cls.from_output("x0", x0, x_t, alpha_bar)
+
+    @classmethod
+    def from_score(cls, score: Tensor, x_t: Tensor, alpha_bar: Tensor) -> Prediction:
+        eps = -broadcast((1.0 - alpha_bar).sqrt(), x_t) * score
+        return cls.from_output("eps", eps, x_t, alpha_bar)
+
+    def v(self, alpha_bar: Tensor) -> Tensor:
+        a = broadcast(alpha_bar, self.x0)
+        return a.sqrt() * self.eps - (1.0 - a).sqrt() * self.x0
+
+    def score(self, alpha_bar: Tensor) -> Tensor:
+        """grad_x log q(x_t) = -eps / sqrt(1 - alpha_bar)."""
+        return -self.eps / broadcast((1.0 - alpha_bar).sqrt(), self.eps)
+
+    def target(self, kind: str, alpha_bar: Tensor) -> Tensor:
+        """The prediction in parameterisation `kind`, e.g. to compare with a training target."""
+        check_prediction_type(kind)
+        return {"eps": lambda: self.eps, "x0": lambda: self.x0, "v": lambda: self.v(alpha_bar)}[kind]()

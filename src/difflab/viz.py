@@ -1,0 +1,50 @@
+"""Pictures people would rather look at than numbers: schedule plots and loss curves (PNG)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from difflab.schedules import SCHEDULE_NAMES, Schedule  # noqa: E402
+
+
+def plot_schedules(path: str | Path, T: int = 1000) -> Path:
+    """alpha_bar and log-SNR against t for every named schedule (and zero terminal SNR)."""
+    fig, (ax_ab, ax_snr) = plt.subplots(1, 2, figsize=(11, 4))
+    variants = [(n, False) for n in SCHEDULE_NAMES] + [("linear", True), ("cosine", True)]
+    for name, ztsnr in variants:
+        s = Schedule.make(name, T=T, zero_terminal_snr=ztsnr)
+        t = range(T)
+        style = "--" if ztsnr else "-"
+        ax_ab.plot(t, s.alpha_bar.numpy(), style, label=s.name)
+        ax_snr.plot(t, s.log_snr.numpy(), style, label=s.name)
+    ax_ab.set(xlabel="t", ylabel="alpha_bar(t)", title="signal kept")
+    ax_snr.set(xlabel="t", ylabel="log SNR(t)", title="log signal-to-noise ratio")
+    ax_ab.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def plot_curve(values: dict[str, list[float]], path: str | Path, xlabel: str = "step", log_y: bool = True) -> Path:
+    """One or more named curves against their index (loss curves)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, ys in values.items():
+        ax.plot(range(1, len(ys) + 1), ys, label=name)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set(xlabel=xlabel)
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
