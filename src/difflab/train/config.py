@@ -1,0 +1,323 @@
+"""Training recipes: TOML files with one section per concern, checked before anything runs.
+
+A recipe has a top-level ``task`` and the sections ``[data]`` and ``[model]`` (free-form
+dicts that their builders validate), ``[diffusion]``, ``[train]`` and ``[sample]`` (fixed
+keys with defaults, below). ``load_config(path, ["train.lr=1e-3"])`` applies command-line
+overrides; every typo and wrong type fails here with a ValueError, not hours into a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from difflab.losses import LOSS_TYPES, WEIGHTINGS
+from difflab.process import PREDICTION_TYPES, VARIANCE_TYPES
+from difflab.schedules import SCHEDULE_NAMES
+
+PRECISIONS = ("fp32", "bf16")
+BAD_IMAGE_POLICIES = ("raise", "skip")
+FREE_SECTIONS = ("data", "model")
+# keys that may change when a run is resumed: they do not change what is computed
+RESUMABLE_CHANGES = (
+    "train.steps",
+    "train.log_every",
+    "train.sample_every",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.num_workers",
+    "train.device",
+    "sample.sampler",
+    "sample.steps",
+    "sample.n",
+    "sample.eta",
+)
+
+
+def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{key} = {value!r} is not allowed; expected {allowed}")
+
+
+def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, value, f"one of {', '.join(choices)}")
+
+
+@dataclass
+class DiffusionConfig:
+    """The Gaussian diffusion and its objective (see `difflab.losses.DiffusionLoss`)."""
+
+    schedule: str = "linear"
+    T: int = 1000
+    prediction: str = "eps"
+    variance: str = "fixed_small"
+    loss_type: str = "simple"
+    weighting: str = "none"
+    snr_gamma: float = 5.0
+    lambda_vlb: float = 1e-3
+    importance: bool = False
+    zero_terminal_snr: bool = False
+
+    def validate(self) -> None:
+        _choice("diffusion.schedule", self.schedule, SCHEDULE_NAMES)
+        _require(self.T >= 1, "diffusion.T", self.T, "an int >= 1")
+        _choice("diffusion.prediction", self.prediction, PREDICTION_TYPES)
+        _choice("diffusion.variance", self.variance, VARIANCE_TYPES)
+        _choice("diffusion.loss_type", self.loss_type, LOSS_TYPES)
+        _choice("diffusion.weighting", self.weighting, WEIGHTINGS)
+        _require(self.snr_gamma > 0, "diffusion.snr_gamma", self.snr_gamma, "a number > 0")
+        _require(self.lambda_vlb >= 0, "diffusion.lambda_vlb", self.lambda_vlb, "a number >= 0")
+        if self.loss_type == "hybrid" and self.variance != "learned":
+            raise ValueError('diffusion.loss_type = "hybrid" trains the variance; it needs variance = "learned"')
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation. `batch_size` is the number of examples per optimizer step, summed over
+    processes and accumulation micro-batches, so a recipe means the same on any hardware.
+    0 turns off grad_clip, ema_decay, sample_every and checkpoint_every (the last still saves
+    at the end and on interruption)."""
+
+    steps: int = 10000
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 0
+    grad_clip: float = 1.0
+    accumulate: int = 1
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    precision: str = "fp32"
+    seed: int = 0
+    log_every: int = 10
+    sample_every: int = 1000
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    num_workers: int = 0
+    on_bad_image: str = "raise"
+    device: str = "auto"
+
+    def validate(self) -> None:
+        for key in ("steps", "batch_size", "accumulate", "log_every", "keep_checkpoints"):
+            _require(getattr(self, key) >= 1, f"train.{key}", getattr(self, key), "an int >= 1")
+        for key in ("warmup_steps", "seed", "sample_every", "checkpoint_every", "num_workers"):
+            _require(getattr(self, key) >= 0, f"train.{key}", getattr(self, key), "an int >= 0")
+        _require(self.lr > 0 and math.isfinite(self.lr), "train.lr", self.lr, "a finite number > 0")
+        _require(self.weight_decay >= 0, "train.weight_decay", self.weight_decay, "a number >= 0")
+        _require(self.grad_clip >= 0, "train.grad_clip", self.grad_clip, "a number >= 0 (0 = no clipping)")
+        _require(0 <= self.ema_decay < 1, "train.ema_decay", self.ema_decay, "a number in [0, 1) (0 = no EMA)")
+        _require(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            "train.betas",
+            self.betas,
+            "two numbers in [0, 1)",
+        )
+        _require(
+            self.batch_size % self.accumulate == 0,
+            "train.batch_size",
+            self.batch_size,
+            f"a multiple of train.accumulate = {self.accumulate}",
+        )
+        _choice("train.precision", self.precision, PRECISIONS)
+        _choice("train.on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        _require(
+            re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
+            "train.device",
+            self.device,
+            '"auto", "cpu", "cuda", "cuda:N" or "mps"',
+        )
+
+
+@dataclass
+class SampleConfig:
+    """How the sample grids (and `difflab sample` by default) draw images."""
+
+    sampler: str = "ddim"
+    steps: int = 50
+    n: int = 16
+    eta: float = 0.0
+
+    def validate(self) -> None:
+        _require(bool(self.sampler), "sample.sampler", self.sampler, "a sampler name")
+        _require(self.steps >= 1, "sample.steps", self.steps, "an int >= 1")
+        _require(self.n >= 1, "sample.n", self.n, "an int >= 1")
+        _require(self.eta >= 0, "sample.eta", self.eta, "a number >= 0")
+
+
+SECTIONS: dict[str, type] = {"diffusion": DiffusionConfig, "train": TrainConfig, "sample": SampleConfig}
+
+
+@dataclass
+class Config:
+    """A whole recipe. Build it with `load_config` or `Config.from_dict`, which validate."""
+
+    task: str = "diffusion"
+    data: dict = field(default_factory=dict)
+    model: dict = field(default_factory=dict)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> Config:
+        if not isinstance(raw, dict):
+            raise ValueError(f"a config must be a table/dict, got {type(raw).__name__}")
+        allowed = ["task", *FREE_SECTIONS, *SECTIONS]
+        unknown = sorted(set(raw) - set(allowed))
+        if unknown:
+            raise ValueError(f"unknown config section(s) {unknown}; allowed: {', '.join(allowed)}")
+        task = raw.get("task", "diffusion")
+        if not isinstance(task, str) or not task:
+            raise ValueError(f"task = {task!r} must be a non-empty string such as 'diffusion'")
+        free = {}
+        for name in FREE_SECTIONS:
+            value = raw.get(name, {})
+            if not isinstance(value, dict):
+                raise ValueError(f"[{name}] must be a table, got {value!r}")
+            free[name] = dict(value)
+        sections = {name: _build_section(name, kind, raw.get(name, {})) for name, kind in SECTIONS.items()}
+        return cls(task=task, **free, **sections)
+
+    def to_dict(self) -> dict:
+        """Plain JSON/TOML-able values (a deep copy)."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+
+def _build_section(name: str, kind: type, values: Any):
+    if not isinstance(values, dict):
+        raise ValueError(f"[{name}] must be a table, got {values!r}")
+    hints = typing.get_type_hints(kind)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in [{name}]; allowed keys: {', '.join(hints)}")
+    section = kind(**{key: _check_type(f"{name}.{key}", value, hints[key]) for key, value in values.items()})
+    section.validate()
+    return section
+
+
+def _check_type(key: str, value: Any, expected: Any) -> Any:
+    """Return `value` as `expected` (int -> float is the only conversion) or raise."""
+    if expected is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if expected in (int, bool, str) and type(value) is expected:
+        return value
+    if typing.get_origin(expected) is list and isinstance(value, list):
+        (item,) = typing.get_args(expected)
+        return [_check_type(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    name = getattr(expected, "__name__", None) or str(expected)
+    raise ValueError(f"{key} = {value!r} has type {type(value).__name__}; expected {name}")
+
+
+# ---------------------------------------------------------------- reading, overriding, writing
+def parse_override(override: str) -> tuple[list[str], Any]:
+    """'train.lr=1e-3' -> (['train', 'lr'], 0.001). The value is a TOML literal if it parses
+    as one, else the raw string (so `train.precision=bf16` needs no quotes)."""
+    key, sep, text = override.partition("=")
+    path = key.strip().split(".")
+    if not sep or not all(path):
+        raise ValueError(f"override {override!r} must look like section.key=value (or task=value)")
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return path, value
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...] = ()) -> dict:
+    """Set each `section.key=value` in a copy of the raw recipe dict (nested keys are allowed in
+    the free-form [data] and [model] sections: `model.attention.heads=4`)."""
+    raw = json.loads(json.dumps(raw))
+    for override in overrides:
+        path, value = parse_override(override)
+        if len(path) > 2 and path[0] not in FREE_SECTIONS:
+            raise ValueError(f"override {override!r}: only [data] and [model] have nested keys")
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"override {override!r}: {part!r} is not a table")
+        node[path[-1]] = value
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a TOML recipe (or a run's saved config.json), apply overrides, validate."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    if path.suffix == ".json":
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"{path} is not valid TOML: {err}") from err
+    return Config.from_dict(apply_overrides(raw, overrides))
+
+
+def save_config(config: Config, path: str | Path) -> Path:
+    """Write the resolved recipe as TOML that `load_config` reads back to an equal Config."""
+    path = Path(path)
+    path.write_text(to_toml(config.to_dict()), encoding="utf-8")
+    return path
+
+
+def config_changes(old: Config, new: Config) -> list[str]:
+    """Dotted keys whose values differ between two configs."""
+
+    def flat(value: Any, prefix: str) -> dict[str, Any]:
+        if isinstance(value, dict):
+            out = {}
+            for k, v in value.items():
+                out.update(flat(v, f"{prefix}.{k}" if prefix else k))
+            return out
+        return {prefix: value}
+
+    a, b = flat(old.to_dict(), ""), flat(new.to_dict(), "")
+    return sorted(k for k in set(a) | set(b) if a.get(k, _MISSING) != b.get(k, _MISSING))
+
+
+_MISSING = object()
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else ("nan" if math.isnan(value) else repr(value))
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise ValueError(f"cannot write {value!r} ({type(value).__name__}) to TOML")
+
+
+def to_toml(table: dict, prefix: str = "") -> str:
+    """A minimal TOML writer: scalars first, then one [table] per nested dict."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    for key, value in table.items():
+        if isinstance(value, dict):
+            name = f"{prefix}.{_toml_key(key)}" if prefix else _toml_key(key)
+            lines += ["", f"[{name}]", to_toml(value, name).rstrip("\n")]
+    return "\n".join(lines).strip("\n") + "\n"
