@@ -98,3 +98,82 @@ class MixtureDenoiser(Denoiser):
         alpha_bar = self.schedule.alpha_bar_at(t).to(x_t.device)
         x0 = self.mixture.posterior_mean(x_t, alpha_bar)
         return Prediction.from_x0(x0, x_t, alpha_bar)
+
+
+class DenoiserWrapper(Denoiser):
+    """A denoiser built on another: forwards `schedule`, `prediction`, `variance` and
+    `sample_shape`, and by default its predictions. Thresholding (and guidance) subclass it
+    and override `predict`, so wrappers compose: Clip(DynamicThreshold(net))."""
+
+    def __init__(self, inner: Denoiser):
+        if not isinstance(inner, Denoiser):
+            raise ValueError(f"a wrapper needs a Denoiser to wrap, got {type(inner).__name__}")
+        self.inner = inner
+
+    @property
+    def schedule(self) -> Schedule:
+        return self.inner.schedule
+
+    @property
+    def prediction(self) -> str:
+        return self.inner.prediction
+
+    @property
+    def variance(self) -> str:
+        return self.inner.variance
+
+    @property
+    def sample_shape(self) -> tuple[int, ...] | None:
+        return self.inner.sample_shape
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: dict | None) -> Prediction:
+        return self.inner.predict(x_t, t, cond)
+
+
+class X0Thresholding(DenoiserWrapper):
+    """Base of the x0 thresholders: changes x0_hat and recomputes eps from x_t and the new x0,
+    so the Prediction stays consistent (x_t = sqrt(ab) x0 + sqrt(1 - ab) eps) and every
+    sampler, whether it reads x0 or eps, sees the same thresholded prediction."""
+
+    def threshold(self, x0: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: dict | None) -> Prediction:
+        pred = self.inner.predict(x_t, t, cond)
+        alpha_bar = self.schedule.alpha_bar_at(t).to(x_t.device)
+        new = Prediction.from_x0(self.threshold(pred.x0), x_t, alpha_bar)
+        new.var_frac = pred.var_frac
+        return new
+
+
+class ClipDenoiser(X0Thresholding):
+    """Static thresholding: x0_hat clipped to [-limit, limit] (data scaled to [-1, 1])."""
+
+    def __init__(self, inner: Denoiser, limit: float = 1.0):
+        super().__init__(inner)
+        if not isinstance(limit, (int, float)) or isinstance(limit, bool) or not 0 < limit < float("inf"):
+            raise ValueError(f"limit must be a finite number > 0, got {limit!r}")
+        self.limit = float(limit)
+
+    def threshold(self, x0: Tensor) -> Tensor:
+        return x0.clamp(-self.limit, self.limit)
+
+
+class DynamicThresholdDenoiser(X0Thresholding):
+    """Imagen's dynamic thresholding (Saharia et al. 2022): per example, s = max(1, the
+    `percentile` quantile of |x0_hat|), then x0_hat = clip(x0_hat, -s, s) / s. Saturated
+    pixels are pushed inwards instead of piling up at +-1, which matters with strong guidance."""
+
+    def __init__(self, inner: Denoiser, percentile: float = 0.995):
+        super().__init__(inner)
+        if not isinstance(percentile, (int, float)) or isinstance(percentile, bool) or not 0 < percentile <= 1:
+            raise ValueError(f"percentile must lie in (0, 1], got {percentile!r}")
+        self.percentile = float(percentile)
+
+    def threshold(self, x0: Tensor) -> Tensor:
+        flat = x0.flatten(1).abs()
+        if flat.dtype in (torch.float16, torch.bfloat16):  # quantile needs float32/64
+            flat = flat.float()
+        q = torch.quantile(flat, self.percentile, dim=1)
+        s = q.clamp(min=1.0).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
+        return torch.maximum(torch.minimum(x0, s), -s) / s

@@ -1,0 +1,321 @@
+"""Sampler benchmark: sample quality against NFE with the exact mixture denoiser, and the cost
+of the sampler loop itself.
+
+Quality: for a 2-D and a 64-D Gaussian mixture (T = 1000 linear schedule, exact denoiser
+E[x0 | x_t]), the sliced Wasserstein-2 distance between N generated samples and a large
+reference sample, next to the noise floor: the same distance for N fresh *true* samples.
+A ratio SW2 / floor near 1 means the sampler's error is invisible at this sample size.
+NFE is counted by a wrapper around the denoiser (Heun: 2 per step but the last; PC:
+predictor + corrector; Langevin: n_steps per level + 1 final denoise).
+
+Overhead: time per sampler step minus the denoiser's time, with a trivial constant denoiser,
+at batch 1 and 4096 (one Langevin update per step, PC = one corrector + one predictor).
+
+    python benchmarks/samplers.py            # full run (~5-10 min on 2 CPU cores)
+    python benchmarks/samplers.py --quick    # smoke run (< 1 min)
+
+Writes benchmarks/results/samplers.json and benchmarks/results/samplers.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from difflab.denoiser import Denoiser, DenoiserWrapper, MixtureDenoiser
+from difflab.mixture import GaussianMixture
+from difflab.process import Prediction
+from difflab.samplers import DEFAULT_SPACING, SAMPLERS, get_timesteps, sample
+from difflab.schedules import Schedule
+
+RESULTS = Path(__file__).parent / "results"
+NFES = (5, 10, 20, 50, 100, 1000)
+
+
+# ---------------------------------------------------------------- data
+def mixture_2d() -> GaussianMixture:
+    """Six correlated Gaussians on a ring, weights 1..6 (unequal), stds 0.1-0.35."""
+    g = torch.Generator().manual_seed(0)
+    k = torch.arange(6, dtype=torch.float64)
+    angle = 2 * math.pi * k / 6
+    means = 2.0 * torch.stack([angle.cos(), angle.sin()], 1)
+    rot = torch.rand(6, generator=g, dtype=torch.float64) * math.pi
+    c, s = rot.cos(), rot.sin()
+    R = torch.stack([torch.stack([c, -s], 1), torch.stack([s, c], 1)], 1)
+    stds = 0.1 + 0.25 * torch.rand(6, 2, generator=g, dtype=torch.float64)
+    covs = R @ torch.diag_embed(stds**2) @ R.transpose(1, 2)
+    return GaussianMixture(k + 1, means, covs)
+
+
+def mixture_64d() -> GaussianMixture:
+    """Eight full-covariance Gaussians in 64-D with random weights."""
+    g = torch.Generator().manual_seed(1)
+    K, D = 8, 64
+    means = torch.randn(K, D, generator=g, dtype=torch.float64)
+    A = torch.randn(K, D, D, generator=g, dtype=torch.float64) / math.sqrt(D)
+    covs = 0.1 * A @ A.transpose(1, 2) + 0.02 * torch.eye(D, dtype=torch.float64)
+    return GaussianMixture(torch.rand(K, generator=g, dtype=torch.float64) + 0.2, means, covs)
+
+
+class Counting(DenoiserWrapper):
+    """Counts network evaluations, whatever the sampler claims."""
+
+    def __init__(self, inner: Denoiser):
+        super().__init__(inner)
+        self.nfe = 0
+
+    def predict(self, x_t, t, cond):
+        self.nfe += 1
+        return self.inner.predict(x_t, t, cond)
+
+
+# ---------------------------------------------------------------- metric
+class SlicedW2:
+    """SW2 to a fixed reference: per random direction, the L2 distance between the sorted
+    projections of the sample and the reference quantiles at the same levels."""
+
+    def __init__(self, reference: torch.Tensor, n: int, n_dirs: int, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        dirs = torch.randn(reference.shape[1], n_dirs, generator=g, dtype=torch.float64)
+        self.dirs = dirs / dirs.norm(dim=0, keepdim=True)
+        proj = (reference @ self.dirs).T.contiguous()  # (P, M)
+        levels = (torch.arange(n, dtype=torch.float64) + 0.5) / n
+        self.ref_q = torch.quantile(proj, levels, dim=1).T  # (P, n)
+        self.n = n
+
+    def __call__(self, x: torch.Tensor) -> float:
+        if x.shape[0] != self.n:
+            raise ValueError(f"expected {self.n} samples, got {x.shape[0]}")
+        proj = (x.to(torch.float64) @ self.dirs).T.sort(dim=1).values
+        return ((proj - self.ref_q) ** 2).mean().sqrt().item()
+
+
+def sampler_plan(name: str, nfe: int) -> tuple[int, dict]:
+    """Steps and options that spend at most `nfe` evaluations."""
+    if name == "heun":
+        return (nfe + 1) // 2, {}
+    if name == "pc":
+        return max(1, nfe // 2), {}
+    if name == "langevin":
+        n_steps = max(1, min(20, nfe // 10))
+        return max(1, (nfe - 1) // n_steps), {"n_steps": n_steps}
+    return nfe, {}
+
+
+def quality(mixture: GaussianMixture, n: int, nfes, n_ref: int, n_dirs: int, n_floor: int, n_draws: int, log) -> dict:
+    """SW2 / floor for every sampler and NFE budget; both averaged over independent draws."""
+    schedule = Schedule.make("linear", T=1000)
+    den = MixtureDenoiser(mixture, schedule)
+    g = torch.Generator().manual_seed(123)
+    metric = SlicedW2(mixture.sample(n_ref, g), n, n_dirs)
+    floors = [metric(mixture.sample(n, g)) for _ in range(n_floor)]
+    floor = sum(floors) / len(floors)
+    log(
+        f"  D={mixture.D}: noise floor SW2 = {floor:.4f} (one draw's sd {torch.tensor(floors).std().item():.4f}, n={n})"
+    )
+    out = {
+        "D": mixture.D,
+        "K": mixture.K,
+        "n": n,
+        "n_ref": n_ref,
+        "n_dirs": n_dirs,
+        "floor": floor,
+        "floor_sd": torch.tensor(floors).std().item(),
+        "schedule": "linear",
+        "T": schedule.T,
+        "samplers": {},
+    }
+    for name in SAMPLERS:
+        rows = []
+        for nfe in nfes:
+            steps, options = sampler_plan(name, nfe)
+            counting = Counting(den)
+            draws = n_draws if nfe <= 100 else 1  # one draw's SW2 is as noisy as the floor's
+            sw2s, t0 = [], time.perf_counter()
+            for d in range(draws):
+                x_T = torch.randn(n, mixture.D, generator=torch.Generator().manual_seed(7 + d), dtype=torch.float64)
+                x = sample(
+                    counting,
+                    (n, mixture.D),
+                    name,
+                    steps=steps,
+                    x_T=x_T,
+                    progress=False,
+                    generator=torch.Generator().manual_seed(11 + d),
+                    **options,
+                )
+                sw2s.append(metric(x) if torch.isfinite(x).all() else math.inf)
+            seconds = (time.perf_counter() - t0) / draws
+            sw2, used = sum(sw2s) / draws, counting.nfe // draws
+            rows.append(
+                {
+                    "nfe_budget": nfe,
+                    "nfe": used,
+                    "steps": steps,
+                    "options": options,
+                    "draws": draws,
+                    "spacing": DEFAULT_SPACING[name],
+                    "sw2": sw2,
+                    "ratio": sw2 / floor,
+                    "seconds": seconds,
+                }
+            )
+            log(f"    {name:9s} NFE {used:5d} SW2 {sw2:.4f} ({sw2 / floor:7.2f} x floor, {draws} draws) {seconds:.1f}s")
+        out["samplers"][name] = rows
+    best = min(
+        ((name, r) for name, rows in out["samplers"].items() for r in rows if r["nfe"] <= 20),
+        key=lambda item: item[1]["ratio"],
+    )
+    out["best_nfe_le_20"] = {"sampler": best[0], "nfe": best[1]["nfe"], "ratio": best[1]["ratio"]}
+    return out
+
+
+# ---------------------------------------------------------------- overhead
+class Constant(Denoiser):
+    """A denoiser that costs (almost) nothing: the sampler's own work is what remains."""
+
+    prediction = "x0"
+
+    def __init__(self, schedule: Schedule, shape):
+        self.schedule, self.sample_shape = schedule, tuple(shape[1:])
+        self.pred = Prediction(torch.zeros(shape), torch.zeros(shape))
+
+    def predict(self, x_t, t, cond):
+        return self.pred
+
+
+def overhead(batches, steps: int, repeats: int, log) -> dict:
+    schedule = Schedule.make("linear", T=1000)
+    out = {}
+    for batch in batches:
+        shape = (batch, 2)
+        den = Counting(Constant(schedule, shape))
+        x_T = torch.randn(shape)
+        t = torch.tensor(500).expand(batch)
+        per_call = _best_time(repeats, _calls, den, x_T, t, steps) / steps
+        row = {"denoiser_us_per_call": 1e6 * per_call}
+        for name, fn in SAMPLERS.items():
+            ts = get_timesteps(schedule, steps, DEFAULT_SPACING[name])
+            options = {"n_steps": 1} if name == "langevin" else {}
+            den.nfe = 0
+            fn(den, x_T, ts, progress=False, generator=torch.Generator().manual_seed(0), **options)
+            nfe = den.nfe
+            total = _best_time(repeats, fn, den, x_T, ts, progress=False, **options)
+            row[name] = {"us_per_step": 1e6 * (total - nfe * per_call) / steps, "nfe_per_step": nfe / steps}
+            log(f"  batch {batch:5d} {name:9s} {row[name]['us_per_step']:7.1f} us/step")
+        out[str(batch)] = row
+    return out
+
+
+def _best_time(repeats: int, fn, *args, **kwargs) -> float:
+    """Fastest of `repeats` runs: the least disturbed by other work on shared cores."""
+    best = math.inf
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn(*args, **kwargs)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _calls(den, x, t, n):
+    for _ in range(n):
+        den(x, t)
+
+
+# ---------------------------------------------------------------- report
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = results["quality"]
+    fig, axes = plt.subplots(1, len(datasets) + 1, figsize=(5.2 * (len(datasets) + 1), 4.2))
+    for ax, (key, res) in zip(axes, datasets.items()):
+        for name, rows in res["samplers"].items():
+            ax.plot([r["nfe"] for r in rows], [r["ratio"] for r in rows], marker="o", ms=3, label=name)
+        ax.axhline(1.0, color="k", ls="--", lw=1, label="noise floor")
+        ax.axhline(1.5, color="grey", ls=":", lw=1)
+        ax.set(
+            xscale="log",
+            yscale="log",
+            xlabel="NFE",
+            ylabel="SW2 / noise floor",
+            title=f"{key}: {res['K']}-component mixture, n={res['n']}",
+        )
+        ax.grid(alpha=0.3, which="both")
+    axes[0].legend(fontsize=8)
+    ax = axes[-1]
+    names = list(SAMPLERS)
+    for j, (batch, row) in enumerate(results["overhead"].items()):
+        ax.bar(
+            [i + 0.4 * j for i in range(len(names))],
+            [row[n]["us_per_step"] for n in names],
+            width=0.4,
+            label=f"batch {batch}",
+        )
+    ax.axhline(100, color="k", ls="--", lw=1)
+    ax.set_xticks([i + 0.2 for i in range(len(names))], names, rotation=45)
+    ax.set(ylabel="us per step (minus denoiser)", title="sampler overhead per step")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small smoke run")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest when shared)")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp dir)")
+    args = parser.parse_args(argv)
+    if args.out is None:  # a smoke run must not overwrite the real results
+        args.out = Path(tempfile.gettempdir()) / "difflab-bench" if args.quick else RESULTS
+    torch.set_num_threads(args.threads)
+    log = print
+    started = time.perf_counter()
+    if args.quick:
+        cfg = dict(n2=1000, n64=200, nfes=(5, 20), n_ref=20_000, n_dirs=64, n_floor=2, n_draws=1, steps=100, repeats=2)
+    else:
+        cfg = dict(
+            n2=10_000, n64=1000, nfes=NFES, n_ref=200_000, n_dirs=256, n_floor=20, n_draws=3, steps=500, repeats=5
+        )
+    log("quality (SW2 vs NFE)")
+    results = {
+        "config": {
+            **cfg,
+            "quick": args.quick,
+            "threads": args.threads,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+        "quality": {
+            key: quality(mixture, n, cfg["nfes"], n_ref, cfg["n_dirs"], cfg["n_floor"], cfg["n_draws"], log)
+            for key, mixture, n, n_ref in [
+                ("2d", mixture_2d(), cfg["n2"], cfg["n_ref"]),
+                ("64d", mixture_64d(), cfg["n64"], cfg["n_ref"] // 4),
+            ]
+        },
+    }
+    log("overhead (us per step, constant denoiser)")
+    results["overhead"] = overhead((1, 4096), cfg["steps"], cfg["repeats"], log)
+    results["seconds"] = time.perf_counter() - started
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "samplers.json").write_text(json.dumps(results, indent=1))
+    plot(results, args.out / "samplers.png")
+    for key, res in results["quality"].items():
+        best = res["best_nfe_le_20"]
+        log(f"{key}: best at NFE <= 20: {best['sampler']} (NFE {best['nfe']}) at {best['ratio']:.2f} x floor")
+    log(f"done in {results['seconds']:.0f}s -> {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""Samplers: stateless functions `(denoiser, x_T, timesteps, *, generator, callback, cond,
+progress, **options) -> x_0`, and `sample(...)`, the one entry point that picks the
+timesteps, draws x_T and runs a sampler by name.
+
+x_T is always in VP coordinates (x_T ~ N(0, I) at the first listed timestep) and every
+sampler returns clean data (its last step lands on x0_hat). `steps` counts sampler steps,
+not network evaluations: Heun costs 2 steps - 1, PC steps * (1 + n_corrector), Langevin
+steps * n_steps + 1 NFE.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from difflab.denoiser import Denoiser
+from difflab.samplers.ddim import check_eta, ddim, ddim_invert, slerp
+from difflab.samplers.ddpm import ddpm
+from difflab.samplers.langevin import annealed_langevin, predictor_corrector
+from difflab.samplers.loop import Callback, Generators, SamplerLoop, check_generator, randn
+from difflab.samplers.ode import dpmpp_2m, euler, heun
+from difflab.samplers.timesteps import SPACINGS, get_timesteps, is_respacing_string, space_timesteps
+
+SAMPLERS = {
+    "ddpm": ddpm,
+    "ddim": ddim,
+    "euler": euler,
+    "heun": heun,
+    "dpmpp_2m": dpmpp_2m,
+    "langevin": annealed_langevin,
+    "pc": predictor_corrector,
+}
+
+# Euler/Heun: Karras et al.'s spacing; DPM-Solver++ steps uniformly in log-SNR (= geometric
+# sigmas), as its authors recommend, which also measured best at 10-20 NFE in our benchmark;
+# ancestral chains need integer steps.
+DEFAULT_SPACING = {
+    "ddpm": "linspace",
+    "ddim": "linspace",
+    "pc": "linspace",
+    "euler": "karras",
+    "heun": "karras",
+    "dpmpp_2m": "geometric",
+    "langevin": "geometric",
+}
+
+__all__ = [
+    "DEFAULT_SPACING",
+    "SAMPLERS",
+    "SPACINGS",
+    "SamplerLoop",
+    "annealed_langevin",
+    "check_generator",
+    "ddim",
+    "ddim_invert",
+    "ddpm",
+    "dpmpp_2m",
+    "euler",
+    "get_timesteps",
+    "heun",
+    "predictor_corrector",
+    "randn",
+    "sample",
+    "sampler_options",
+    "slerp",
+    "space_timesteps",
+]
+
+
+def sample(
+    denoiser: Denoiser,
+    shape: Sequence[int],
+    sampler: str = "ddim",
+    steps: int | None = 50,
+    eta: float = 0.0,
+    spacing: str | None = None,
+    generator: Generators = None,
+    progress: bool = True,
+    callback: Callback | None = None,
+    cond: dict | None = None,
+    x_T: Tensor | None = None,
+    *,
+    rho: float = 7.0,
+    dtype: torch.dtype | None = None,
+    device: torch.device | str | None = None,
+    **options,
+) -> Tensor:
+    """Draw `shape[0]` samples with the named sampler (one of `SAMPLERS`).
+
+    `spacing` (default per sampler, `DEFAULT_SPACING`: karras for euler/heun, geometric for
+    dpmpp_2m and langevin, linspace otherwise) is one of `SPACINGS` or an improved-diffusion respacing string
+    ("ddim25", "10,15,20"), which fixes the number of steps itself (then pass steps=None or
+    the same count). `eta` is DDIM's; `generator` is a torch.Generator or a list of them, one
+    per example, so an example does not depend on the batch size. `options` go to the sampler
+    (ddpm: variance; langevin: n_steps, step_size, denoise; pc: snr, n_corrector, variance)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    eta = check_eta(eta)
+    if eta != 0.0:
+        if sampler != "ddim":
+            raise ValueError(f"eta applies only to sampler 'ddim', got eta={eta} with sampler {sampler!r}")
+        options["eta"] = eta
+    shape = tuple(shape)
+    denoiser.check_shape(shape)
+    generator = check_generator(generator, shape[0])
+    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
+    if steps is None and not (isinstance(spacing, str) and is_respacing_string(spacing)):
+        raise ValueError(f"steps=None is allowed only with a respacing string, not with spacing {spacing!r}")
+    check_options(sampler, options)
+    timesteps = get_timesteps(denoiser.schedule, steps, spacing, rho=rho)
+    if x_T is None:
+        x_T = randn(shape, generator, dtype=dtype or torch.get_default_dtype(), device=device)
+    elif tuple(x_T.shape) != shape:
+        raise ValueError(f"x_T has shape {tuple(x_T.shape)} but shape={shape}")
+    return SAMPLERS[sampler](
+        denoiser, x_T, timesteps, generator=generator, callback=callback, cond=cond, progress=progress, **options
+    )
+
+
+_COMMON = {"denoiser", "x_T", "timesteps", "generator", "callback", "cond", "progress"}
+
+
+def sampler_options(sampler: str) -> list[str]:
+    """The extra keyword options a sampler takes."""
+    params = inspect.signature(SAMPLERS[sampler]).parameters
+    return [name for name in params if name not in _COMMON]
+
+
+def check_options(sampler: str, options: dict) -> None:
+    allowed = sampler_options(sampler)
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(
+            f"sampler {sampler!r} takes no option(s) {', '.join(unknown)}; allowed: {', '.join(allowed) or 'none'}"
+        )
