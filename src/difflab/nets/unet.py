@@ -1,0 +1,398 @@
+"""ADM-style U-Net (Dhariwal & Nichol 2021) with every option switchable by config.
+
+Down path: input conv, then per level ``num_res_blocks`` res blocks (+ attention at
+the chosen downsampling factors) and a downsample; a middle block (res, attention,
+res); an up path that mirrors it, concatenating one stored skip per block; and a
+zero-initialised output conv, so a fresh model predicts exactly 0.
+
+Conditioning (``forward(x, t, cond)``): t -> sinusoidal -> MLP gives ``emb``;
+``cond["y"]`` adds a class embedding (label ``num_classes`` = null label);
+``cond["context"]`` is attended to by cross-attention at every attention location;
+``cond["concat"]`` is concatenated to x; ``cond["control"]`` adds residuals to the
+skips and the middle block (see :meth:`UNet.control_shapes`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import (
+    ConfigModule,
+    NetConfig,
+    check_bool,
+    check_cond,
+    check_image,
+    check_int,
+    check_int_tuple,
+    check_optional_int,
+    check_probability,
+    prepare_timesteps,
+    require_cond,
+)
+from .layers import (
+    BlockFactory,
+    ConditionedSequential,
+    Downsample,
+    LabelEmbedding,
+    TimestepEmbedding,
+    Upsample,
+    zero_module,
+)
+
+
+@dataclass(frozen=True)
+class UNetConfig(NetConfig):
+    """All U-Net settings. Defaults give a ~7M-parameter CPU-friendly 32x32 model.
+
+    attention_resolutions: downsampling factors (1 = full resolution, 2 = half, ...)
+    whose levels get attention. num_res_blocks: one int, or one per level (Imagen's
+    efficient U-Net puts more blocks at low resolution). num_head_channels, when set,
+    fixes the channels per head instead of num_heads. efficient_updown: every level
+    down-samples *before* its blocks and up-samples *after* them, so no res block runs
+    at full resolution (factors at level i are then 2^(i+1)). out_channels: predicted
+    data channels (default in_channels); learn_sigma doubles the output channels: the first
+    half is the mean prediction, the second the variance interpolation v (improved DDPM).
+    """
+
+    in_channels: int = 3
+    out_channels: int | None = None
+    model_channels: int = 64
+    channel_mult: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int | tuple[int, ...] = 2
+    attention_resolutions: tuple[int, ...] = (2,)
+    mid_attention: bool = True
+    dropout: float = 0.0
+    num_heads: int = 4
+    num_head_channels: int | None = None
+    use_scale_shift_norm: bool = True
+    resblock_updown: bool = False
+    conv_resample: bool = True
+    skip_rescale: bool = False
+    norm_groups: int = 32
+    num_classes: int | None = None
+    class_dropout_prob: float = 0.0
+    context_dim: int | None = None
+    concat_channels: int = 0
+    learn_sigma: bool = False
+    efficient_updown: bool = False
+
+    def validate(self) -> None:
+        validate_backbone(self)
+        check_optional_int("out_channels", self.out_channels, 1)
+        check_optional_int("num_classes", self.num_classes, 1)
+        check_probability("class_dropout_prob", self.class_dropout_prob)
+        check_optional_int("context_dim", self.context_dim, 1)
+        check_int("concat_channels", self.concat_channels, 0)
+        check_bool("learn_sigma", self.learn_sigma)
+        if self.context_dim is not None and not (
+            self.attention_resolutions or self.mid_attention
+        ):
+            raise ValueError(
+                "context_dim needs somewhere to attend: set attention_resolutions or mid_attention"
+            )
+
+
+# --------------------------------------------------------------------------- shared backbone
+
+
+def res_blocks_per_level(config: Any) -> tuple[int, ...]:
+    blocks = config.num_res_blocks
+    return (blocks,) * len(config.channel_mult) if isinstance(blocks, int) else tuple(blocks)
+
+
+def level_factors(config: Any) -> list[int]:
+    """Downsampling factor at which each level's res blocks run."""
+    offset = 1 if config.efficient_updown else 0
+    return [2 ** (level + offset) for level in range(len(config.channel_mult))]
+
+
+def validate_backbone(config: Any) -> None:
+    """Checks shared by the U-Net and the classifier (both use :class:`UNetEncoder`)."""
+    check_int("in_channels", config.in_channels, 1)
+    check_int("model_channels", config.model_channels, 1)
+    check_int_tuple("channel_mult", config.channel_mult, 1, allow_empty=False)
+    levels = len(config.channel_mult)
+    if isinstance(config.num_res_blocks, tuple):
+        check_int_tuple("num_res_blocks", config.num_res_blocks, 0, allow_empty=False)
+        if len(config.num_res_blocks) != levels:
+            raise ValueError(
+                f"num_res_blocks has {len(config.num_res_blocks)} entries but channel_mult has "
+                f"{levels} levels; give one int or one entry per level"
+            )
+    else:
+        check_int("num_res_blocks", config.num_res_blocks, 0)
+    for name in ("mid_attention", "use_scale_shift_norm", "resblock_updown", "conv_resample",
+                 "skip_rescale", "efficient_updown"):
+        check_bool(name, getattr(config, name))
+    check_int_tuple("attention_resolutions", config.attention_resolutions, 1, allow_empty=True)
+    factors = level_factors(config)
+    for factor in config.attention_resolutions:
+        if factor not in factors:
+            raise ValueError(
+                f"attention_resolutions entry {factor} is not a downsampling factor of this "
+                f"U-Net; allowed: {factors}"
+            )
+    check_probability("dropout", config.dropout, allow_one=False)
+    check_int("num_heads", config.num_heads, 1)
+    check_optional_int("num_head_channels", config.num_head_channels, 1)
+    check_int("norm_groups", config.norm_groups, 1)
+    widths = [config.model_channels * m for m in config.channel_mult]
+    for width in widths:
+        if width % config.norm_groups:
+            raise ValueError(
+                f"channel width {width} (model_channels * channel_mult) is not divisible by "
+                f"norm_groups={config.norm_groups}"
+            )
+    attention_widths = {w for w, f in zip(widths, factors) if f in config.attention_resolutions}
+    if config.mid_attention:
+        attention_widths.add(widths[-1])
+    divisor_name, divisor = (
+        ("num_heads", config.num_heads)
+        if config.num_head_channels is None
+        else ("num_head_channels", config.num_head_channels)
+    )
+    for width in sorted(attention_widths):
+        if width % divisor:
+            raise ValueError(
+                f"attention width {width} is not divisible by {divisor_name}={divisor}"
+            )
+
+
+def block_factory(config: Any, embed_dim: int, context_dim: int | None = None) -> BlockFactory:
+    return BlockFactory(
+        embed_dim=embed_dim,
+        dropout=config.dropout,
+        use_scale_shift_norm=config.use_scale_shift_norm,
+        norm_groups=config.norm_groups,
+        skip_rescale=config.skip_rescale,
+        num_heads=config.num_heads,
+        num_head_channels=config.num_head_channels,
+        context_dim=context_dim,
+    )
+
+
+def _downsampler(config: Any, blocks: BlockFactory, channels: int) -> nn.Module:
+    if config.resblock_updown:
+        return blocks.res_block(channels, channels, resample="down")
+    return Downsample(channels, config.conv_resample)
+
+
+def _upsampler(config: Any, blocks: BlockFactory, channels: int) -> nn.Module:
+    if config.resblock_updown:
+        return blocks.res_block(channels, channels, resample="up")
+    return Upsample(channels, config.conv_resample)
+
+
+class UNetEncoder(nn.Module):
+    """Input conv + down path + middle block, returning the middle output and the skips.
+
+    Shared by :class:`UNet` and the noisy classifier. ``skip_specs[i]`` is
+    (channels, downsampling factor) of the i-th stored skip, in the order stored.
+    """
+
+    def __init__(self, config: Any, in_channels: int, blocks: BlockFactory):
+        super().__init__()
+        mult, base = config.channel_mult, config.model_channels
+        attention_at = set(config.attention_resolutions)
+        efficient = config.efficient_updown
+        channels = base * mult[0]
+        self.input_conv = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.keeps_input_skip = not efficient
+        self.skip_specs: list[tuple[int, int]] = [(channels, 1)] if not efficient else []
+        self.down_blocks = nn.ModuleList()
+        factor = 1
+
+        def add(layers: list[nn.Module]) -> None:
+            self.down_blocks.append(ConditionedSequential(layers))
+            self.skip_specs.append((channels, factor))
+
+        for level, (m, n_blocks) in enumerate(zip(mult, res_blocks_per_level(config))):
+            if efficient:
+                factor *= 2
+                add([_downsampler(config, blocks, channels)])
+            for _ in range(n_blocks):
+                layers = [blocks.res_block(channels, base * m)]
+                channels = base * m
+                if factor in attention_at:
+                    layers += blocks.attention(channels)
+                add(layers)
+            if not efficient and level < len(mult) - 1:
+                factor *= 2
+                add([_downsampler(config, blocks, channels)])
+
+        middle = [blocks.res_block(channels, channels)]
+        if config.mid_attention:
+            middle += blocks.attention(channels)
+        middle.append(blocks.res_block(channels, channels))
+        self.middle = ConditionedSequential(middle)
+        self.out_channels = channels
+        self.out_factor = factor
+
+    def forward(self, x, emb, context=None, context_mask=None):
+        h = self.input_conv(x)
+        skips = [h] if self.keeps_input_skip else []
+        for block in self.down_blocks:
+            h = block(h, emb, context, context_mask)
+            skips.append(h)
+        return self.middle(h, emb, context, context_mask), skips
+
+
+# --------------------------------------------------------------------------- U-Net
+
+COND_HINT = (
+    '"y" needs num_classes, "context"/"context_mask" need context_dim, '
+    '"concat" needs concat_channels; "control" is always accepted'
+)
+
+
+class UNet(ConfigModule):
+    """ADM U-Net: ``forward(x, t, cond=None) -> (B, output_channels, H, W)``."""
+
+    config_class = UNetConfig
+    config: UNetConfig
+
+    def __init__(self, config: UNetConfig | dict | None = None, **overrides: Any):
+        super().__init__(config, **overrides)
+        cfg = self.config
+        data_channels = cfg.out_channels or cfg.in_channels
+        self.output_channels = data_channels * (2 if cfg.learn_sigma else 1)
+        embed_dim = 4 * cfg.model_channels
+        self.time_embed = TimestepEmbedding(cfg.model_channels, embed_dim)
+        self.label_embed = (
+            LabelEmbedding(cfg.num_classes, embed_dim, cfg.class_dropout_prob)
+            if cfg.num_classes is not None
+            else None
+        )
+        blocks = block_factory(cfg, embed_dim, cfg.context_dim)
+        self.encoder = UNetEncoder(cfg, cfg.in_channels + cfg.concat_channels, blocks)
+
+        attention_at = set(cfg.attention_resolutions)
+        skip_channels = [c for c, _ in self.encoder.skip_specs]
+        channels, factor = self.encoder.out_channels, self.encoder.out_factor
+        self.up_blocks = nn.ModuleList()
+        levels = list(enumerate(zip(cfg.channel_mult, res_blocks_per_level(cfg))))
+        for level, (m, n_blocks) in reversed(levels):
+            for i in range(n_blocks + 1):
+                layers = [blocks.res_block(channels + skip_channels.pop(), cfg.model_channels * m)]
+                channels = cfg.model_channels * m
+                if factor in attention_at:
+                    layers += blocks.attention(channels)
+                if i == n_blocks and (cfg.efficient_updown or level > 0):
+                    layers.append(_upsampler(cfg, blocks, channels))
+                    factor //= 2
+                self.up_blocks.append(ConditionedSequential(layers))
+        self.out = nn.Sequential(
+            nn.GroupNorm(cfg.norm_groups, channels),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(channels, self.output_channels, 3, padding=1)),
+        )
+
+    # ----------------------------------------------------------------- introspection
+
+    @property
+    def size_divisor(self) -> int:
+        """H and W must be multiples of this (the deepest downsampling factor)."""
+        return self.encoder.out_factor
+
+    @property
+    def accepted_cond(self) -> tuple[str, ...]:
+        cfg = self.config
+        keys = []
+        if cfg.num_classes is not None:
+            keys.append("y")
+        if cfg.context_dim is not None:
+            keys += ["context", "context_mask"]
+        if cfg.concat_channels:
+            keys.append("concat")
+        return (*keys, "control")
+
+    def control_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
+        """(C, H, W) of each ``cond["control"]`` residual for an input of this size.
+
+        One entry per stored skip, in the order the down path stores them (input conv
+        first unless efficient_updown, then every down-path block), then one last entry
+        for the middle block output. The same list is what a ControlNet must return.
+        """
+        self._check_size(height, width)
+        specs = [*self.encoder.skip_specs, (self.encoder.out_channels, self.encoder.out_factor)]
+        return [(c, height // f, width // f) for c, f in specs]
+
+    def _check_size(self, height: int, width: int) -> None:
+        d = self.size_divisor
+        if height % d or width % d:
+            raise ValueError(f"UNet input H and W must be multiples of {d}, got {height}x{width}")
+
+    # ----------------------------------------------------------------- forward
+
+    def forward(self, x: torch.Tensor, t: Any, cond: dict | None = None) -> torch.Tensor:
+        cfg = self.config
+        cond = check_cond(cond, self.accepted_cond, "UNet", COND_HINT)
+        check_image(x, cfg.in_channels, "UNet")
+        self._check_size(x.shape[2], x.shape[3])
+        batch = x.shape[0]
+        emb = self.time_embed(prepare_timesteps(t, batch, x.device))
+        if self.label_embed is not None:
+            y = require_cond(cond, "y", "UNet", f"num_classes={cfg.num_classes}")
+            emb = emb + self.label_embed(y, batch)
+        context, context_mask = None, None
+        if cfg.context_dim is not None:
+            context = require_cond(cond, "context", "UNet", f"context_dim={cfg.context_dim}")
+            context_mask = cond.get("context_mask")
+            check_context(context, context_mask, batch, cfg.context_dim)
+        h = x
+        if cfg.concat_channels:
+            extra = require_cond(cond, "concat", "UNet", f"concat_channels={cfg.concat_channels}")
+            expected = (batch, cfg.concat_channels, *x.shape[2:])
+            if not isinstance(extra, torch.Tensor) or tuple(extra.shape) != expected:
+                got = tuple(extra.shape) if isinstance(extra, torch.Tensor) else type(extra)
+                raise ValueError(f'cond["concat"] must have shape {expected}, got {got}')
+            h = torch.cat([x, extra.to(x.dtype)], dim=1)
+
+        h, skips = self.encoder(h, emb, context, context_mask)
+        if "control" in cond:
+            control = self._check_control(cond["control"], x)
+            skips = [s + c for s, c in zip(skips, control[:-1])]
+            h = h + control[-1]
+        for block in self.up_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.out(h)
+
+    def _check_control(self, control: Any, x: torch.Tensor) -> list[torch.Tensor]:
+        shapes = self.control_shapes(x.shape[2], x.shape[3])
+        if not isinstance(control, list | tuple) or len(control) != len(shapes):
+            got = len(control) if isinstance(control, list | tuple) else type(control).__name__
+            raise ValueError(
+                f'cond["control"] must be a list of {len(shapes)} tensors (see '
+                f"UNet.control_shapes), got {got}"
+            )
+        for i, (tensor, shape) in enumerate(zip(control, shapes)):
+            expected = (x.shape[0], *shape)
+            if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != expected:
+                got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
+                raise ValueError(f'cond["control"][{i}] must have shape {expected}, got {got}')
+        return list(control)
+
+
+def check_context(context: Any, mask: Any, batch: int, context_dim: int) -> None:
+    is_tensor = isinstance(context, torch.Tensor)
+    if not is_tensor or context.dim() != 3 or not context.is_floating_point():
+        got = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+        raise ValueError(f'cond["context"] must be a float (B, L, D) tensor, got {got}')
+    if context.shape[0] != batch or context.shape[2] != context_dim:
+        raise ValueError(
+            f'cond["context"] must have shape ({batch}, L, {context_dim}), '
+            f"got {tuple(context.shape)}"
+        )
+    if mask is not None:
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise ValueError(f'cond["context_mask"] must be a bool tensor, got {got}')
+        if tuple(mask.shape) != tuple(context.shape[:2]):
+            raise ValueError(
+                f'cond["context_mask"] must have shape {tuple(context.shape[:2])}, '
+                f"got {tuple(mask.shape)}"
+            )
