@@ -38,6 +38,7 @@ RESUMABLE_CHANGES = (
     "sample.steps",
     "sample.n",
     "sample.eta",
+    "sample.guidance",
 )
 
 
@@ -138,18 +139,21 @@ class TrainConfig:
 
 @dataclass
 class SampleConfig:
-    """How the sample grids (and `difflab sample` by default) draw images."""
+    """How the sample grids (and `difflab sample` by default) draw images. `guidance` is the
+    classifier-free guidance weight w of conditional models (0 = the plain conditional model)."""
 
     sampler: str = "ddim"
     steps: int = 50
     n: int = 16
     eta: float = 0.0
+    guidance: float = 0.0
 
     def validate(self) -> None:
         _require(bool(self.sampler), "sample.sampler", self.sampler, "a sampler name")
         _require(self.steps >= 1, "sample.steps", self.steps, "an int >= 1")
         _require(self.n >= 1, "sample.n", self.n, "an int >= 1")
         _require(self.eta >= 0, "sample.eta", self.eta, "a number >= 0")
+        _require(math.isfinite(self.guidance), "sample.guidance", self.guidance, "a finite number")
 
 
 SECTIONS: dict[str, type] = {"diffusion": DiffusionConfig, "train": TrainConfig, "sample": SampleConfig}

@@ -14,8 +14,10 @@ from typing import Protocol
 import torch
 from torch import Tensor, nn
 
-from difflab.denoiser import NetworkDenoiser
+from difflab.data.shape_scenes import ATTRIBUTES
+from difflab.denoiser import Denoiser, NetworkDenoiser
 from difflab.losses import DiffusionLoss
+from difflab.nets.base import ConfigModule, NetConfig, check_image, check_int, check_int_tuple
 from difflab.schedules import Schedule
 from difflab.train.config import Config
 from difflab.train.distributed import Dist
@@ -26,16 +28,22 @@ DIFFUSION_FORMAT = "difflab-diffusion"
 
 @dataclass(frozen=True)
 class DataInfo:
-    """What a task may know about the data before training: one example's shape and the
-    number of classes (None for unlabelled data)."""
+    """What a task may know about the data before training: one example's shape, the number of
+    classes (None for unlabelled data) and, for captioned data, the first captions (prompts
+    for the sample grids of text-conditional models)."""
 
     sample_shape: tuple[int, ...]
     num_classes: int | None = None
+    captions: tuple[str, ...] | None = None
 
     @classmethod
-    def of(cls, dataset) -> DataInfo:
-        shape = tuple(dataset[0]["x"].shape)
-        return cls(shape, getattr(getattr(dataset, "dataset", dataset), "num_classes", None))
+    def of(cls, dataset, num_captions: int = 64) -> DataInfo:
+        first = dataset[0]
+        captions = None
+        if "caption" in first:
+            captions = tuple(dataset[i]["caption"] for i in range(min(len(dataset), num_captions)))
+        num_classes = getattr(getattr(dataset, "dataset", dataset), "num_classes", None)
+        return cls(tuple(first["x"].shape), num_classes, captions)
 
 
 class Task(Protocol):
@@ -83,7 +91,9 @@ class SharedTimesteps:
 
 class DiffusionTask:
     """A denoising network trained with `DiffusionLoss`; class labels become cond {"y"} when
-    the network is class-conditional (its config has `num_classes`)."""
+    the network is class-conditional (its config has `num_classes`). The U-Net's
+    `class_dropout_prob` replaces labels by the null label during training, which is what
+    classifier-free guidance needs; `sample.guidance` is the CFG weight of the sample grids."""
 
     def __init__(self, config: Config, data: DataInfo, dist: Dist | None = None):
         from difflab.nets import build_network
@@ -123,11 +133,22 @@ class DiffusionTask:
 
         s = self.config.sample
         device = next(model.parameters()).device
-        cond = {"y": torch.arange(n, device=device) % self.num_classes} if self.num_classes is not None else None
+        denoiser, cond = self.grid_condition(self.denoiser(model), n, device)
         return sample(
-            self.denoiser(model), (n, *self.data.sample_shape), s.sampler, s.steps, s.eta,
+            denoiser, (n, *self.data.sample_shape), s.sampler, s.steps, s.eta,
             generator=generator, progress=False, cond=cond, device=device,
         )  # fmt: skip
+
+    def grid_condition(self, denoiser: NetworkDenoiser, n: int, device) -> tuple[Denoiser, dict | None]:
+        """The denoiser and cond of the sample grid: classes in turn, with CFG if sample.guidance."""
+        if self.num_classes is None:
+            return denoiser, None
+        cond = {"y": torch.arange(n, device=device) % self.num_classes}
+        if self.config.sample.guidance == 0.0:
+            return denoiser, cond
+        from difflab.guidance import class_guidance
+
+        return class_guidance(denoiser, self.num_classes, self.config.sample.guidance), cond
 
     def extra_state(self) -> dict:
         return {"timesteps": self.objective.timesteps.state_dict()}
@@ -140,8 +161,13 @@ class DiffusionTask:
         if not hasattr(model, "save_pretrained"):
             raise ValueError(f"{type(model).__name__} has no save_pretrained; build networks with difflab.nets")
         model.save_pretrained(directory)
+        meta = self.metadata()
+        (Path(directory) / DIFFUSION_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+    def metadata(self) -> dict:
+        """The contents of diffusion.json."""
         d, s = self.config.diffusion, self.config.sample
-        meta = {
+        return {
             "format": DIFFUSION_FORMAT,
             "version": 1,
             "schedule": d.schedule,
@@ -151,12 +177,258 @@ class DiffusionTask:
             "variance": d.variance,
             "sample_shape": list(self.data.sample_shape),
             "num_classes": self.num_classes,
-            "sample": {"sampler": s.sampler, "steps": s.steps, "n": s.n, "eta": s.eta},
+            "data": dict(self.config.data),
+            "sample": {"sampler": s.sampler, "steps": s.steps, "n": s.n, "eta": s.eta, "guidance": s.guidance},
         }
-        (Path(directory) / DIFFUSION_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-TASKS = {"diffusion": DiffusionTask}
+class TextDiffusionTask(DiffusionTask):
+    """Text-to-image: a `TextConditionalUNet` (U-Net + text encoder, one module, so both are
+    trained, averaged, checkpointed and exported together) on captioned data. The model drops
+    captions to "" at its `caption_dropout_prob`, so it also learns the unconditional half of
+    CFG. The export is a plain pipeline folder: `load_pipeline` rebuilds it, and
+    `difflab.guidance.conditioned(denoiser, meta, n, prompt=..., scale=w)` samples from it."""
+
+    def __init__(self, config: Config, data: DataInfo, dist: Dist | None = None):
+        super().__init__(config, data, dist)
+        from difflab.nets.text import TextConditionalUNet
+
+        if not isinstance(self.model, TextConditionalUNet):
+            raise ValueError(
+                f'task "text_diffusion" needs [model] class = "TextConditionalUNet", got {type(self.model).__name__}'
+            )
+        if data.captions is None:
+            raise ValueError('task "text_diffusion" needs data whose items have a "caption" (e.g. name = "shapes")')
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        captions = batch.get("caption")
+        if captions is None or isinstance(captions, str):
+            raise ValueError('a text_diffusion batch needs "caption": a list of strings')
+        losses, logs = self.objective(self.denoiser(model), batch["x"], {"caption": list(captions)}, generator)
+        return losses, {k: v.float().mean() for k, v in logs.items() if k != "t"}
+
+    def grid_condition(self, denoiser: NetworkDenoiser, n: int, device) -> tuple[Denoiser, dict | None]:
+        """The first captions of the data in turn, with CFG weight sample.guidance."""
+        from difflab.guidance import conditioned
+
+        prompts = [self.data.captions[i % len(self.data.captions)] for i in range(n)]
+        return conditioned(denoiser, self.metadata(), n, scale=self.config.sample.guidance, prompt=prompts)
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "conditioning": "text", "null_caption": ""}
+
+
+# ---------------------------------------------------------------- classifiers
+CLASSIFIER_FILE = "classifier.json"
+CLASSIFIER_FORMAT = "difflab-classifier"
+
+
+class ClassifierTask:
+    """Shared by the classifier tasks: no sample grid, no extra state, export = save_pretrained
+    plus classifier.json (what the classifier expects), read back by `load_classifier`."""
+
+    kind = "classifier"
+
+    def __init__(self, config: Config, data: DataInfo, dist: Dist | None = None):
+        from difflab.nets import build_network
+
+        self.config, self.data = config, data
+        self.model = build_network(config.model)
+
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> None:
+        return None
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def metadata(self) -> dict:
+        return {
+            "format": CLASSIFIER_FORMAT,
+            "version": 1,
+            "kind": self.kind,
+            "sample_shape": list(self.data.sample_shape),
+            "data": dict(self.config.data),
+        }
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)
+        (Path(directory) / CLASSIFIER_FILE).write_text(json.dumps(self.metadata(), indent=2) + "\n", encoding="utf-8")
+
+
+class NoisyClassifierTask(ClassifierTask):
+    """p(y | x_t, t) for classifier guidance: cross-entropy on x_t = q_sample(x0, t, eps) with t
+    uniform over the chain of [diffusion], whose schedule and T must be those of the diffusion
+    model it will guide (the classifier sees the same t indices and noise levels)."""
+
+    kind = "noisy"
+
+    def __init__(self, config: Config, data: DataInfo, dist: Dist | None = None):
+        super().__init__(config, data, dist)
+        from difflab.nets import NoisyClassifier
+
+        if not isinstance(self.model, NoisyClassifier):
+            raise ValueError(
+                f'task "noisy_classifier" needs [model] class = "NoisyClassifier", got {type(self.model).__name__}'
+            )
+        k = self.model.config.num_classes
+        if data.num_classes is None or data.num_classes > k:
+            raise ValueError(f"the data has {data.num_classes} classes; the classifier's num_classes is {k}")
+        d = config.diffusion
+        self.schedule = Schedule.make(d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        from difflab.process import check_data, q_sample
+
+        x0, y = check_data(batch["x"]), batch["y"].long()
+        t = torch.randint(0, self.schedule.T, (x0.shape[0],), generator=generator).to(x0.device)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+        logits = model(q_sample(self.schedule, x0, t, eps), t.float())
+        losses = nn.functional.cross_entropy(logits.float(), y, reduction="none")
+        return losses, {"accuracy": (logits.argmax(1) == y).float().mean()}
+
+    def metadata(self) -> dict:
+        d = self.config.diffusion
+        return {
+            **super().metadata(),
+            "schedule": d.schedule,
+            "T": d.T,
+            "zero_terminal_snr": d.zero_terminal_snr,
+            "num_classes": self.model.config.num_classes,
+        }
+
+
+class AttributeClassifierTask(ClassifierTask):
+    """The judge of text-to-image samples: an `AttributeClassifier` (plain CNN, one head per
+    attribute) trained on the shapes generator's ground-truth labels of single-object scenes."""
+
+    kind = "attributes"
+
+    def __init__(self, config: Config, data: DataInfo, dist: Dist | None = None):
+        super().__init__(config, data, dist)
+        if not isinstance(self.model, AttributeClassifier):
+            raise ValueError(
+                f'task "attribute_classifier" needs [model] class = "AttributeClassifier", '
+                f"got {type(self.model).__name__}"
+            )
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        labels = batch.get("labels")
+        if not isinstance(labels, dict):
+            raise ValueError('an attribute_classifier batch needs "labels": a dict of attribute tensors (shapes data)')
+        x = batch["x"]
+        logits = model(x)
+        losses, logs = 0.0, {}
+        all_right = torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+        for name, out in logits.items():
+            target = first_object(labels, name).to(x.device)
+            losses = losses + nn.functional.cross_entropy(out.float(), target, reduction="none")
+            right = out.argmax(1) == target
+            logs[f"acc_{name}"] = right.float().mean()
+            all_right &= right
+        logs["acc_all"] = all_right.float().mean()
+        return losses, logs
+
+    def metadata(self) -> dict:
+        return {**super().metadata(), "attributes": list(self.model.config.attributes)}
+
+
+def first_object(labels: dict, name: str) -> Tensor:
+    """(B,) labels of attribute `name` of single-object scenes ((B,) or (B, 1) tensors)."""
+    if name not in labels:
+        raise ValueError(f"the batch labels have no attribute {name!r}; they have {sorted(labels)}")
+    target = labels[name]
+    if target.ndim == 2:
+        if target.shape[1] != 1:
+            raise ValueError(
+                f"attribute labels hold {target.shape[1]} objects per image; the attribute classifier needs "
+                "single-object scenes (data.two_objects = false)"
+            )
+        target = target[:, 0]
+    return target.long()
+
+
+def load_classifier(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
+    """A classifier exported by a classifier task (eval mode) and its classifier.json."""
+    from difflab.nets import load_network
+
+    directory = Path(path)
+    if not (directory / CLASSIFIER_FILE).is_file() and (directory / "model" / CLASSIFIER_FILE).is_file():
+        directory = directory / "model"  # a run folder
+    meta_path = directory / CLASSIFIER_FILE
+    if not meta_path.is_file():
+        raise ValueError(f"{path} holds no {CLASSIFIER_FILE}; export a classifier task first")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format") != CLASSIFIER_FORMAT:
+        raise ValueError(f"{meta_path} has format {meta.get('format')!r}, not {CLASSIFIER_FORMAT!r}")
+    return load_network(directory, device=device), meta
+
+
+# ---------------------------------------------------------------- the attribute classifier
+@dataclass(frozen=True)
+class AttributeClassifierConfig(NetConfig):
+    """channels: one conv stage (two 3x3 convs + ReLU, 2x2 max-pool) per entry; the last map is
+    average-pooled to 4x4 and flattened, so where things are survives to the heads."""
+
+    image_size: int = 32
+    in_channels: int = 3
+    channels: tuple[int, ...] = (32, 64, 64)
+    feature_dim: int = 128
+    attributes: tuple[str, ...] = ("shape", "colour", "size", "position")
+
+    def validate(self) -> None:
+        check_int("image_size", self.image_size, 4)
+        check_int("in_channels", self.in_channels, 1)
+        check_int("feature_dim", self.feature_dim, 1)
+        check_int_tuple("channels", self.channels, 1, allow_empty=False)
+        if self.image_size < 4 * 2 ** len(self.channels):
+            raise ValueError(f"image_size {self.image_size} is too small for {len(self.channels)} stages (need >= 4 "
+                             f"pixels after {len(self.channels)} 2x poolings)")  # fmt: skip
+        unknown = [a for a in self.attributes if a not in ATTRIBUTES]
+        if not self.attributes or unknown or len(set(self.attributes)) != len(self.attributes):
+            raise ValueError(f"attributes must be distinct names from {list(ATTRIBUTES)}, got {list(self.attributes)}")
+
+
+class AttributeClassifier(ConfigModule):
+    """``forward(x) -> {attribute: logits}``; ``features(x)`` is the penultimate layer, the feature
+    space of the shapes Frechet distance. (Registered by class name like every network; it lives
+    here with its task, so import difflab.train.tasks before `load_network` of one.)"""
+
+    config_class = AttributeClassifierConfig
+    config: AttributeClassifierConfig
+
+    def __init__(self, config: AttributeClassifierConfig | dict | None = None, **overrides):
+        super().__init__(config, **overrides)
+        cfg = self.config
+        layers, c_in = [], cfg.in_channels
+        for c in cfg.channels:
+            layers += [nn.Conv2d(c_in, c, 3, padding=1), nn.ReLU(), nn.Conv2d(c, c, 3, padding=1), nn.ReLU()]
+            layers.append(nn.MaxPool2d(2))
+            c_in = c
+        self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten())
+        self.feature = nn.Linear(c_in * 16, cfg.feature_dim)
+        self.heads = nn.ModuleDict({a: nn.Linear(cfg.feature_dim, len(ATTRIBUTES[a])) for a in cfg.attributes})
+
+    def features(self, x: Tensor) -> Tensor:
+        check_image(x, self.config.in_channels, "AttributeClassifier")
+        size = self.config.image_size
+        if tuple(x.shape[2:]) != (size, size):
+            raise ValueError(f"AttributeClassifier was built for {size}x{size} images, got {tuple(x.shape[2:])}")
+        return nn.functional.relu(self.feature(self.body(x)))
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.features(x)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+TASKS = {
+    "diffusion": DiffusionTask,
+    "text_diffusion": TextDiffusionTask,
+    "noisy_classifier": NoisyClassifierTask,
+    "attribute_classifier": AttributeClassifierTask,
+}
 
 
 def build_task(config: Config, data: DataInfo, dist: Dist | None = None) -> Task:

