@@ -21,6 +21,7 @@ demo: install
 	$(VENV)/bin/difflab demo --out out/demo
 
 test: install
+	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -n 2 --durations=15
 
 lint: install

@@ -22,3 +22,60 @@ def test_schedules_command_writes_a_png(tmp_path, capsys):
 def test_bad_value_is_a_clear_error_not_a_traceback(capsys):
     assert main(["schedules", "--T", "0", "--out", "x.png"]) == 2
     assert "T (number of diffusion steps) must be an integer >= 1" in capsys.readouterr().err
+
+
+TINY = [
+    "model.model_channels=8",
+    "model.channel_mult=[1, 2]",
+    "model.num_res_blocks=1",
+    "model.norm_groups=4",
+    "diffusion.T=20",
+    "train.steps=3",
+    "train.batch_size=8",
+    "train.log_every=1",
+    "train.sample_every=0",
+    "train.checkpoint_every=0",
+    "sample.steps=2",
+    "sample.n=4",
+]
+
+
+def test_train_sample_eval_end_to_end(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    run = tmp_path / "run"
+    args = ["train", "configs/digits-ddpm.toml", "--out", str(run)]
+    for s in TINY:
+        args += ["--set", s]
+    assert main(args) == 0
+    assert (run / "model" / "model.safetensors").is_file()
+    assert len((run / "log.jsonl").read_text().splitlines()) == 3
+
+    out = tmp_path / "samples"
+    assert main(["sample", str(run), "--n", "4", "--steps", "2", "--out", str(out)]) == 0
+    data = np.load(out / "samples.npz")
+    assert data["samples"].shape == (4, 1, 16, 16) and data["images_uint8"].dtype == np.uint8
+    # same seed, same samples; the per-sample seeds make them independent of the batch
+    assert main(["sample", str(run), "--n", "2", "--steps", "2", "--out", str(tmp_path / "two")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "two" / "samples.npz")["samples"], data["samples"][:2])
+
+    metrics_file = tmp_path / "m.json"
+    assert main(["eval", str(run), "--n", "8", "--steps", "2", "--out", str(metrics_file)]) == 0
+    metrics = json.loads(metrics_file.read_text())
+    assert 0.0 <= metrics["confident_share"] <= 1.0 and metrics["num_samples"] == 8
+    assert sum(metrics["class_histogram"]["counts"]) == 8
+
+    # a finished run is not overwritten by accident
+    assert main(args) == 2
+    assert "already holds a run" in capsys.readouterr().err
+
+
+def test_bad_recipe_keys_fail_before_any_work(tmp_path, capsys):
+    assert main(["train", "configs/digits-ddpm.toml", "--out", str(tmp_path / "r"), "--set", "train.stepz=3"]) == 2
+    err = capsys.readouterr().err
+    assert "stepz" in err and "steps" in err
+    assert not (tmp_path / "r").exists()
+    assert main(["sample", str(tmp_path / "missing")]) == 2
+    assert "shipped" in capsys.readouterr().err

@@ -48,3 +48,22 @@ def plot_curve(values: dict[str, list[float]], path: str | Path, xlabel: str = "
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def save_samples(x, path: str | Path) -> Path:
+    """A picture of a batch of samples: an image grid, or a scatter plot for 2-D points."""
+    import math
+
+    path = Path(path)
+    if x.ndim == 2 and x.shape[1] == 2:
+        fig, ax = plt.subplots(figsize=(4.5, 4.5))
+        ax.scatter(x[:, 0].numpy(), x[:, 1].numpy(), s=2, alpha=0.5)
+        ax.set_aspect("equal")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path
+    from difflab.data.images import save_grid
+
+    return save_grid(x, path, nrow=math.ceil(math.sqrt(x.shape[0])))

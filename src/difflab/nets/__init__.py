@@ -1,4 +1,5 @@
-"""Denoising networks: ADM U-Net, DiT and the noisy classifier for classifier guidance.
+"""Networks: the ADM U-Net, DiT, the noisy classifier for classifier guidance, text
+encoders, and the KL/VQ autoencoders (with their patch discriminator) of latent diffusion.
 
 Every network follows one contract, ``net(x, t, cond=None) -> Tensor``:
 x is (B, C, H, W); t is the (fractional) timestep index, (B,) or a scalar; cond is
@@ -7,6 +8,7 @@ network supports). Networks are built from configs and saved/loaded with
 ``save_pretrained`` / ``load_network`` (JSON + safetensors, no pickle).
 """
 
+from .autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from .base import (
     NETWORKS,
     ConfigModule,
@@ -15,8 +17,19 @@ from .base import (
     load_network,
 )
 from .classifier import NoisyClassifier, NoisyClassifierConfig
+from .discriminator import PatchDiscriminator, PatchDiscriminatorConfig
 from .dit import DIT_PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from .layers import timestep_embedding
+from .mlp import MLP, MLPConfig
+from .quantizer import VectorQuantizer
+from .text import (
+    FrozenSentenceEncoder,
+    TextConditionalUNet,
+    TextConditionalUNetConfig,
+    TextEncoder,
+    TextEncoderConfig,
+    WordTokenizer,
+)
 from .unet import UNet, UNetConfig
 
 __all__ = [
@@ -35,4 +48,18 @@ __all__ = [
     "NoisyClassifierConfig",
     "count_parameters",
     "timestep_embedding",
+    "Autoencoder",
+    "AutoencoderConfig",
+    "DiagonalGaussian",
+    "VectorQuantizer",
+    "PatchDiscriminator",
+    "PatchDiscriminatorConfig",
+    "TextEncoder",
+    "TextEncoderConfig",
+    "TextConditionalUNet",
+    "TextConditionalUNetConfig",
+    "FrozenSentenceEncoder",
+    "WordTokenizer",
+    "MLP",
+    "MLPConfig",
 ]

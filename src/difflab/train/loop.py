@@ -240,7 +240,7 @@ class Trainer:
         plot_loss(self.records, self.run_dir / "loss.png")
         if self.cfg.sample_every == 0:
             return
-        from difflab.data.images import save_grid
+        from difflab.viz import save_samples
 
         model = self.sampling_model()
         was_training = model.training
@@ -249,8 +249,7 @@ class Trainer:
         images = self.task.sample_images(model, self.config.sample.n, generator)
         model.train(was_training)
         if images is not None:
-            nrow = math.ceil(math.sqrt(images.shape[0]))
-            save_grid(images.float().cpu(), self.run_dir / "samples" / f"step-{self.step:07d}.png", nrow=nrow)
+            save_samples(images.float().cpu(), self.run_dir / "samples" / f"step-{self.step:07d}.png")
 
     @contextlib.contextmanager
     def _catch_signals(self):
