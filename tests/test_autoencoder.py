@@ -15,13 +15,6 @@ from difflab.nets.quantizer import VectorQuantizer, perplexity
 TINY = dict(model_channels=8, num_res_blocks=1, norm_groups=4, latent_channels=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread fan-out costs more than it saves (and the machine is shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def randomise_(net, seed=7):

@@ -52,6 +52,8 @@ def test_train_sample_eval_end_to_end(tmp_path, capsys):
     assert main(args) == 0
     assert (run / "model" / "model.safetensors").is_file()
     assert len((run / "log.jsonl").read_text().splitlines()) == 3
+    meta = json.loads((run / "model" / "diffusion.json").read_text())
+    assert meta["thresholding"] == "static" and meta["data"]["name"] == "digits"  # images sample with x0 clipped
 
     out = tmp_path / "samples"
     assert main(["sample", str(run), "--n", "4", "--steps", "2", "--out", str(out)]) == 0

@@ -169,3 +169,15 @@ def test_float16_dynamic_thresholding():
     den = DynamicThresholdDenoiser(ConstantDenoiser(x0, schedule), percentile=1.0)
     out = den(torch.zeros_like(x0), 3).x0
     assert out.dtype == torch.float16 and out.tolist() == [[1.0, -0.5, 0.125]]
+
+
+def test_thresholded_picks_the_named_wrapper():
+    from difflab.denoiser import ClipDenoiser, DynamicThresholdDenoiser, thresholded
+
+    mixture = GaussianMixture.isotropic(torch.ones(1), torch.zeros(1, 2), 1.0)
+    base = MixtureDenoiser(mixture, Schedule.make("linear", T=10))
+    assert thresholded(base, "none") is base
+    assert isinstance(thresholded(base, "static"), ClipDenoiser)
+    assert isinstance(thresholded(base, "dynamic"), DynamicThresholdDenoiser)
+    with pytest.raises(ValueError, match="allowed: none, static, dynamic"):
+        thresholded(base, "clip")

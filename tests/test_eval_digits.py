@@ -28,15 +28,6 @@ from difflab.process import Prediction
 from difflab.schedules import Schedule, linear_betas
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread is faster, and far faster on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @lru_cache(maxsize=4)
 def digits(split: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
     ds = get_dataset("digits", split=split, size=size)

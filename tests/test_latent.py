@@ -22,12 +22,6 @@ from difflab.nets.discriminator import PatchDiscriminator, adaptive_weight, gan_
 TINY = dict(model_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_groups=4, latent_channels=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def tiny_pair(regularization="kl", seed=0):

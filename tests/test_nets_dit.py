@@ -13,13 +13,6 @@ TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=16, depth=2, 
 PAPER_PARAMS_M = {"S": 33, "B": 130, "L": 458, "XL": 675}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread fan-out costs more than it saves (and the CI machine is shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_dit(**overrides) -> DiT:

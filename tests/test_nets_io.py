@@ -30,13 +30,6 @@ CLASSIFIER = dict(image_size=8, num_classes=4, model_channels=8, channel_mult=(1
                   num_res_blocks=1, num_heads=2, norm_groups=4)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread fan-out costs more than it saves (and the CI machine is shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def randomise_(net: nn.Module, seed: int = 7) -> nn.Module:

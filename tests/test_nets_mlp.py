@@ -33,7 +33,8 @@ def test_trained_toy_model_samples_the_ring(tmp_path):
 
     overrides = ["train.steps=400", "train.log_every=100", "train.sample_every=0", "train.checkpoint_every=0"]
     run(load_config("configs/toy2d.toml", overrides), tmp_path / "run")
-    denoiser, _ = load_pipeline(tmp_path / "run")
+    denoiser, meta = load_pipeline(tmp_path / "run")
+    assert meta["thresholding"] == "none"  # vectors are not clipped to [-1, 1]
     x = sample_batched(denoiser, 2000, "dpmpp_2m", 20, seed=0)
     radius = x.norm(dim=1)
     assert abs(radius.median().item() - 2.0) < 0.15

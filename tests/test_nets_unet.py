@@ -37,13 +37,6 @@ COMBOS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: thread fan-out costs more than it saves (and the CI machine is shared)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def make_unet(**overrides) -> UNet:

@@ -4,7 +4,6 @@ from torch.utils.data import DataLoader
 
 from difflab.train.batches import CheckedDataset, ShardSampler, ShardSchedule
 from difflab.train.ema import EMA
-from test_train_support import one_thread  # noqa: F401
 
 
 def test_every_epoch_is_a_permutation_and_steps_continue_across_epochs():

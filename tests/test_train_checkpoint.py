@@ -15,7 +15,6 @@ from difflab.train.checkpoint import (
     save_checkpoint,
     split_tensors,
 )
-from test_train_support import one_thread  # noqa: F401
 
 
 def optimizer_state():

@@ -9,7 +9,6 @@ from difflab.train.config import (
     parse_override,
     save_config,
 )
-from test_train_support import one_thread  # noqa: F401
 
 RECIPE = """
 task = "diffusion"

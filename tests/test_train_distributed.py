@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from difflab.train import run
 from difflab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from difflab.train.monitor import read_log
-from test_train_support import assert_identical, distributed_recipe, one_thread  # noqa: F401
+from test_train_support import assert_identical, distributed_recipe
 
 TESTS = Path(__file__).parent
 SCRIPT = """

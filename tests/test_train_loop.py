@@ -21,7 +21,7 @@ from difflab.train.checkpoint import latest_checkpoint, list_checkpoints, load_c
 from difflab.train.monitor import read_log
 from difflab.train.runner import make_trainer
 from difflab.train.tasks import DiffusionTask
-from test_train_support import assert_identical, one_thread, tiny_config, without_timing  # noqa: F401
+from test_train_support import assert_identical, tiny_config, without_timing
 
 
 def test_a_run_writes_logs_pictures_checkpoints_and_the_model(tmp_path):

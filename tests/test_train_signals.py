@@ -12,7 +12,7 @@ from pathlib import Path
 from difflab.train import run
 from difflab.train.checkpoint import latest_checkpoint, load_checkpoint
 from difflab.train.monitor import read_log
-from test_train_support import assert_identical, one_thread, tiny_config, without_timing  # noqa: F401
+from test_train_support import assert_identical, tiny_config, without_timing
 
 TESTS = Path(__file__).parent
 SCRIPT = """

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -104,13 +103,6 @@ def test_tiny_net_shapes_and_registration():
     assert sum(p.numel() for p in net.parameters()) < 2000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The test machines share 2 cores: tiny convs on 2 contended threads run ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def distributed_recipe(accumulate: int) -> Config:

@@ -140,6 +140,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     first from the recipe that made it."""
     from difflab.data.images import save_grid
     from difflab.eval.report import evaluate_digits, format_metrics
+    from difflab.guidance import conditioned
     from difflab.pretrained import ROOT
 
     out = Path(args.out)
@@ -152,6 +153,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         run(load_config(model / "recipe.toml", args.set), run_dir)
         model = run_dir
     denoiser, meta = _load(str(model))
+    denoiser, _ = conditioned(denoiser, meta, args.n)
     metrics, samples = evaluate_digits(denoiser, "ddim", 50, n=args.n, seed=args.seed, progress=True)
     save_grid(samples[:100], out / "samples.png", nrow=10)
     recorded = model / "metrics.json"
@@ -205,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: sample from the shipped model and report its metrics")
     d.add_argument("--out", default="out/demo")
-    d.add_argument("--n", type=int, default=300, help="samples to measure")
+    d.add_argument("--n", type=int, default=200, help="samples to measure")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--train", action="store_true", help="retrain the shipped model from its recipe first")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="with --train")

@@ -177,3 +177,19 @@ class DynamicThresholdDenoiser(X0Thresholding):
         q = torch.quantile(flat, self.percentile, dim=1)
         s = q.clamp(min=1.0).to(x0.dtype).reshape(-1, *([1] * (x0.ndim - 1)))
         return torch.maximum(torch.minimum(x0, s), -s) / s
+
+
+THRESHOLDINGS = ("none", "static", "dynamic")
+
+
+def thresholded(denoiser: Denoiser, kind: str) -> Denoiser:
+    """`denoiser` with x0 thresholding of the named kind ("none" returns it unchanged).
+    Pixel models should sample with "static" (improved-diffusion's clip_denoised): without it,
+    eps-prediction at the noisiest steps divides model error by sqrt(alpha_bar) ~ 1e-4."""
+    if kind not in THRESHOLDINGS:
+        raise ValueError(f"unknown thresholding {kind!r}; allowed: {', '.join(THRESHOLDINGS)}")
+    if kind == "static":
+        return ClipDenoiser(denoiser)
+    if kind == "dynamic":
+        return DynamicThresholdDenoiser(denoiser)
+    return denoiser

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from difflab.denoiser import Denoiser, DenoiserWrapper
+from difflab.denoiser import Denoiser, DenoiserWrapper, thresholded
 from difflab.process import Prediction, check_variance_type, model_log_variance
 from difflab.schedules import broadcast
 
@@ -318,6 +318,25 @@ def text_guidance(denoiser: Denoiser, scale: float, negative_prompt: str | None 
 
 
 def conditioned(
+    denoiser: Denoiser,
+    meta: dict,
+    n: int,
+    *,
+    scale: float = 0.0,
+    label: int | Sequence[int] | None = None,
+    prompt: str | Sequence[str] | None = None,
+    negative_prompt: str | None = None,
+) -> tuple[Denoiser, dict | None]:
+    """(denoiser, cond) to draw `n` samples from a loaded pipeline (`load_pipeline`'s pair):
+    guided for its condition (see `guide_for`), then thresholded as its diffusion.json says
+    ("thresholding"), outermost, so the guided x0 is what gets clipped."""
+    guided, cond = guide_for(
+        denoiser, meta, n, scale=scale, label=label, prompt=prompt, negative_prompt=negative_prompt
+    )
+    return thresholded(guided, meta.get("thresholding", "none")), cond
+
+
+def guide_for(
     denoiser: Denoiser,
     meta: dict,
     n: int,

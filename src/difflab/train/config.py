@@ -39,7 +39,9 @@ RESUMABLE_CHANGES = (
     "sample.n",
     "sample.eta",
     "sample.guidance",
+    "sample.thresholding",
 )
+THRESHOLDING_CHOICES = ("auto", "none", "static", "dynamic")
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -140,13 +142,15 @@ class TrainConfig:
 @dataclass
 class SampleConfig:
     """How the sample grids (and `difflab sample` by default) draw images. `guidance` is the
-    classifier-free guidance weight w of conditional models (0 = the plain conditional model)."""
+    classifier-free guidance weight w of conditional models (0 = the plain conditional model);
+    `thresholding` of x0_hat: "auto" clips images to [-1, 1] (static) and leaves vectors alone."""
 
     sampler: str = "ddim"
     steps: int = 50
     n: int = 16
     eta: float = 0.0
     guidance: float = 0.0
+    thresholding: str = "auto"
 
     def validate(self) -> None:
         _require(bool(self.sampler), "sample.sampler", self.sampler, "a sampler name")
@@ -154,6 +158,10 @@ class SampleConfig:
         _require(self.n >= 1, "sample.n", self.n, "an int >= 1")
         _require(self.eta >= 0, "sample.eta", self.eta, "a number >= 0")
         _require(math.isfinite(self.guidance), "sample.guidance", self.guidance, "a finite number")
+        _require(
+            self.thresholding in THRESHOLDING_CHOICES, "sample.thresholding", self.thresholding,
+            f"one of {', '.join(THRESHOLDING_CHOICES)} (auto: static for images, none for vectors)",
+        )  # fmt: skip
 
 
 SECTIONS: dict[str, type] = {"diffusion": DiffusionConfig, "train": TrainConfig, "sample": SampleConfig}

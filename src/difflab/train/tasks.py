@@ -140,15 +140,20 @@ class DiffusionTask:
         )  # fmt: skip
 
     def grid_condition(self, denoiser: NetworkDenoiser, n: int, device) -> tuple[Denoiser, dict | None]:
-        """The denoiser and cond of the sample grid: classes in turn, with CFG if sample.guidance."""
-        if self.num_classes is None:
-            return denoiser, None
-        cond = {"y": torch.arange(n, device=device) % self.num_classes}
-        if self.config.sample.guidance == 0.0:
-            return denoiser, cond
-        from difflab.guidance import class_guidance
+        """The denoiser and cond of the sample grid: classes in turn, with CFG if sample.guidance,
+        thresholded as the exported model will be."""
+        from difflab.guidance import conditioned
 
-        return class_guidance(denoiser, self.num_classes, self.config.sample.guidance), cond
+        denoiser, cond = conditioned(denoiser, self.metadata(), n, scale=self.config.sample.guidance)
+        return denoiser, None if cond is None else {k: v.to(device) for k, v in cond.items()}
+
+    @property
+    def thresholding(self) -> str:
+        """sample.thresholding resolved: "auto" is static clipping for images, none for vectors."""
+        kind = self.config.sample.thresholding
+        if kind == "auto":
+            return "static" if len(self.data.sample_shape) == 3 else "none"
+        return kind
 
     def extra_state(self) -> dict:
         return {"timesteps": self.objective.timesteps.state_dict()}
@@ -178,6 +183,7 @@ class DiffusionTask:
             "sample_shape": list(self.data.sample_shape),
             "num_classes": self.num_classes,
             "data": dict(self.config.data),
+            "thresholding": self.thresholding,
             "sample": {"sampler": s.sampler, "steps": s.steps, "n": s.n, "eta": s.eta, "guidance": s.guidance},
         }
 
