@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import default_collate
 
 from difflab.data import get_dataset
+from difflab.denoiser import ClipDenoiser
 from difflab.guidance import ClassifierFreeGuidance, conditioned
 from difflab.nets import NoisyClassifier
 from difflab.samplers import sample
@@ -68,7 +69,10 @@ def test_class_conditional_sample_grid_uses_cfg_when_sample_guidance_is_set():
     model = {"class": "UNet", "in_channels": 1, "num_classes": 10, "class_dropout_prob": 0.1, **TINY_UNET}
     task = DiffusionTask(tiny_config(model=model, sample={"guidance": 2.0, "steps": 2}), DataInfo((1, 8, 8), 10))
     denoiser, cond = task.grid_condition(task.denoiser(task.model), 4, "cpu")
-    assert isinstance(denoiser, ClassifierFreeGuidance) and denoiser.scale == 2.0 and cond["y"].tolist() == [0, 1, 2, 3]
+    # images: the guided x0 is clipped outermost (sample.thresholding = auto -> static)
+    assert isinstance(denoiser, ClipDenoiser) and task.metadata()["thresholding"] == "static"
+    guided = denoiser.inner
+    assert isinstance(guided, ClassifierFreeGuidance) and guided.scale == 2.0 and cond["y"].tolist() == [0, 1, 2, 3]
     images = task.sample_images(task.model.eval(), 4, torch.Generator().manual_seed(0))
     assert images.shape == (4, 1, 8, 8) and torch.isfinite(images).all()
     assert task.metadata()["sample"]["guidance"] == 2.0
