@@ -16,18 +16,17 @@ from torch import nn
 
 from .base import (
     ConfigModule,
-    NetConfig,
     check_cond,
     check_image,
     check_int,
     prepare_timesteps,
 )
 from .layers import AttentionPool2d, TimestepEmbedding
-from .unet import UNetEncoder, block_factory, validate_backbone
+from .unet import BackboneConfig, UNetEncoder, block_factory
 
 
 @dataclass(frozen=True)
-class NoisyClassifierConfig(NetConfig):
+class NoisyClassifierConfig(BackboneConfig):
     """Backbone fields mean the same as in :class:`~difflab.nets.unet.UNetConfig`.
 
     image_size is fixed because the attention pool has a learned position per pixel
@@ -36,25 +35,10 @@ class NoisyClassifierConfig(NetConfig):
     """
 
     image_size: int = 32
-    in_channels: int = 3
     num_classes: int = 10
-    model_channels: int = 64
-    channel_mult: tuple[int, ...] = (1, 2, 2)
-    num_res_blocks: int | tuple[int, ...] = 2
-    attention_resolutions: tuple[int, ...] = (2,)
-    mid_attention: bool = True
-    dropout: float = 0.0
-    num_heads: int = 4
-    num_head_channels: int | None = None
-    use_scale_shift_norm: bool = True
-    resblock_updown: bool = False
-    conv_resample: bool = True
-    skip_rescale: bool = False
-    norm_groups: int = 32
-    efficient_updown: bool = False
 
     def validate(self) -> None:
-        validate_backbone(self)
+        super().validate()
         check_int("image_size", self.image_size, 1)
         check_int("num_classes", self.num_classes, 1)
         levels = len(self.channel_mult) - (0 if self.efficient_updown else 1)

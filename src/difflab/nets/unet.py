@@ -45,21 +45,18 @@ from .layers import (
 
 
 @dataclass(frozen=True)
-class UNetConfig(NetConfig):
-    """All U-Net settings. Defaults give a ~7M-parameter CPU-friendly 32x32 model.
+class BackboneConfig(NetConfig):
+    """The fields the U-Net and its encoder-only twin (the noisy classifier) share.
 
     attention_resolutions: downsampling factors (1 = full resolution, 2 = half, ...)
     whose levels get attention. num_res_blocks: one int, or one per level (Imagen's
     efficient U-Net puts more blocks at low resolution). num_head_channels, when set,
     fixes the channels per head instead of num_heads. efficient_updown: every level
     down-samples *before* its blocks and up-samples *after* them, so no res block runs
-    at full resolution (factors at level i are then 2^(i+1)). out_channels: predicted
-    data channels (default in_channels); learn_sigma doubles the output channels: the first
-    half is the mean prediction, the second the variance interpolation v (improved DDPM).
+    at full resolution (factors at level i are then 2^(i+1)).
     """
 
     in_channels: int = 3
-    out_channels: int | None = None
     model_channels: int = 64
     channel_mult: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int | tuple[int, ...] = 2
@@ -73,15 +70,30 @@ class UNetConfig(NetConfig):
     conv_resample: bool = True
     skip_rescale: bool = False
     norm_groups: int = 32
+    efficient_updown: bool = False
+
+    def validate(self) -> None:
+        validate_backbone(self)
+
+
+@dataclass(frozen=True)
+class UNetConfig(BackboneConfig):
+    """All U-Net settings (the backbone's, see :class:`BackboneConfig`, plus these).
+    Defaults give a ~6M-parameter CPU-friendly 32x32 model.
+
+    out_channels: predicted data channels (default in_channels); learn_sigma doubles the
+    output channels.
+    """
+
+    out_channels: int | None = None
     num_classes: int | None = None
     class_dropout_prob: float = 0.0
     context_dim: int | None = None
     concat_channels: int = 0
     learn_sigma: bool = False
-    efficient_updown: bool = False
 
     def validate(self) -> None:
-        validate_backbone(self)
+        super().validate()
         check_optional_int("out_channels", self.out_channels, 1)
         check_optional_int("num_classes", self.num_classes, 1)
         check_probability("class_dropout_prob", self.class_dropout_prob)
