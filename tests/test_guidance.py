@@ -8,7 +8,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 from difflab.denoiser import ClipDenoiser, Denoiser, DenoiserWrapper, MixtureDenoiser, NetworkDenoiser
 from difflab.guidance import (
@@ -22,6 +21,7 @@ from difflab.nets import NoisyClassifier, UNet
 from difflab.process import Prediction, model_log_variance
 from difflab.samplers import SAMPLERS, ddpm, get_timesteps, sample
 from difflab.schedules import Schedule, broadcast
+from test_nets_support import perturbed
 from test_samplers_support import MIXTURE
 
 SCHEDULE = {T: Schedule.make("linear", T=T) for T in (100, 1000)}
@@ -94,14 +94,6 @@ TINY_UNET = dict(in_channels=1, model_channels=8, channel_mult=(1, 2), num_res_b
                  attention_resolutions=(2,), num_heads=2, norm_groups=4)  # fmt: skip
 
 
-def perturbed(net: nn.Module, seed: int = 2) -> nn.Module:
-    """Random values in the zero-initialised tensors, so the output depends on everything."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return net.eval()
 
 
 def unet_denoiser(**overrides) -> NetworkDenoiser:

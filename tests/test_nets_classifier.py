@@ -3,9 +3,9 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from difflab.nets import NoisyClassifier, NoisyClassifierConfig
+from test_nets_support import perturb_zero_params_
 
 TINY = dict(
     image_size=8, in_channels=3, num_classes=5, model_channels=8, channel_mult=(1, 2),
@@ -33,13 +33,6 @@ def make_classifier(**overrides) -> NoisyClassifier:
     return NoisyClassifier(NoisyClassifierConfig(**{**TINY, **overrides}))
 
 
-def perturb_zero_params_(net: nn.Module, scale: float = 0.1, seed: int = 2) -> None:
-    """Randomise the zero-initialised residual branches so every parameter matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in net.parameters():
-            if not param.any():
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
 @pytest.mark.parametrize("name", COMBOS)

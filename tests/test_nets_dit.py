@@ -6,6 +6,7 @@ from torch import nn
 
 from difflab.nets import DIT_PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from difflab.nets.dit import DiTBlock, sincos_2d
+from test_nets_support import perturb_zero_params_
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=16, depth=2, num_heads=2)
 
@@ -20,13 +21,6 @@ def make_dit(**overrides) -> DiT:
     return DiT(DiTConfig(**{**TINY, **overrides}))
 
 
-def perturb_zero_params_(net: nn.Module, scale: float = 0.1, seed: int = 2) -> None:
-    """Randomise all-zero tensors (adaLN-Zero, final layer), so gradients can flow."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in net.parameters():
-            if not param.any():
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
 
 
 @pytest.mark.parametrize("name", DIT_PRESETS)

@@ -8,6 +8,7 @@ from torch import nn
 
 from difflab.nets import UNet, UNetConfig, timestep_embedding
 from difflab.nets.layers import ResBlock, SpatialSelfAttention
+from test_nets_support import perturb_zero_params_
 
 TINY = dict(
     in_channels=3, model_channels=8, channel_mult=(1, 2), num_res_blocks=1,
@@ -61,20 +62,6 @@ def make_inputs(net: UNet, batch: int = 2, size: int = 8, seed: int = 1):
     return x, t, cond
 
 
-def perturb_zero_params_(net: nn.Module, scale: float = 0.1, seed: int = 2) -> int:
-    """Give every all-zero tensor (zero-init convs, projections, biases) random values.
-
-    With the zero-initialised output conv, the gradient to everything upstream is
-    exactly 0; perturbing makes "every parameter gets a gradient" a real check.
-    """
-    gen = torch.Generator().manual_seed(seed)
-    count = 0
-    with torch.no_grad():
-        for param in net.parameters():
-            if not param.any():
-                param.copy_(torch.randn(param.shape, generator=gen) * scale)
-                count += 1
-    return count
 
 
 # --------------------------------------------------------------------------- shapes / init

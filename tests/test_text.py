@@ -21,6 +21,7 @@ from difflab.nets.text import (
     WordTokenizer,
     import_sentence_package,
 )
+from test_nets_support import perturbed
 
 TINY = {
     "unet": dict(in_channels=3, model_channels=8, channel_mult=[1, 2], num_res_blocks=1, attention_resolutions=[2],
@@ -29,14 +30,6 @@ TINY = {
 }  # fmt: skip
 
 
-def perturbed(net: torch.nn.Module, seed: int = 2) -> torch.nn.Module:
-    """Random values in the zero-initialised tensors, so the output depends on the context."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in net.parameters():
-            if not p.any():
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
-    return net.eval()
 
 
 def tiny_model(**overrides) -> TextConditionalUNet:
