@@ -327,31 +327,15 @@ def conditioned(
     prompt: str | Sequence[str] | None = None,
     negative_prompt: str | None = None,
 ) -> tuple[Denoiser, dict | None]:
-    """(denoiser, cond) to draw `n` samples from a loaded pipeline (`load_pipeline`'s pair):
-    guided for its condition (see `guide_for`), then thresholded as its diffusion.json says
-    ("thresholding"), outermost, so the guided x0 is what gets clipped."""
-    guided, cond = guide_for(
-        denoiser, meta, n, scale=scale, label=label, prompt=prompt, negative_prompt=negative_prompt
-    )
-    return thresholded(guided, meta.get("thresholding", "none")), cond
-
-
-def guide_for(
-    denoiser: Denoiser,
-    meta: dict,
-    n: int,
-    *,
-    scale: float = 0.0,
-    label: int | Sequence[int] | None = None,
-    prompt: str | Sequence[str] | None = None,
-    negative_prompt: str | None = None,
-) -> tuple[Denoiser, dict | None]:
     """(denoiser, cond) to draw `n` samples from a loaded pipeline (`load_pipeline`'s pair).
 
     Class-conditional models take `label` (an int, or one per sample; default: cycle through the
     classes); text-conditional ones (meta "conditioning" = "text") take `prompt` (one string for
-    all, or one per sample). `scale` is the CFG weight w (0 = the plain conditional model)."""
+    all, or one per sample). `scale` is the CFG weight w (0 = the plain conditional model). The
+    guided denoiser is then thresholded as the model's diffusion.json says ("thresholding"),
+    outermost, so the guided x0 is what gets clipped."""
     scale = check_scale(scale)
+    thresholding = meta.get("thresholding", "none")
     kind = meta.get("conditioning") or ("class" if meta.get("num_classes") else None)
     if kind != "text" and (prompt is not None or negative_prompt is not None):
         raise ValueError("prompt/negative_prompt given, but the model is not text-conditional")
@@ -360,7 +344,7 @@ def guide_for(
     if kind is None:
         if scale != 0.0:
             raise ValueError("guidance scale given, but the model is unconditional")
-        return denoiser, None
+        return thresholded(denoiser, thresholding), None
     if kind == "class":
         k = int(meta["num_classes"])
         if label is None:
@@ -369,10 +353,11 @@ def guide_for(
             labels = expand_entry("y", label if isinstance(label, int) else torch.as_tensor(label), n)
         if labels.min() < 0 or labels.max() >= k:
             raise ValueError(f"labels must lie in [0, {k - 1}], got {labels.unique().tolist()}")
-        return class_guidance(denoiser, k, scale), {"y": labels.long()}
+        return thresholded(class_guidance(denoiser, k, scale), thresholding), {"y": labels.long()}
     if kind != "text":
         raise ValueError(f"unknown conditioning {kind!r} in the model's diffusion.json; allowed: class, text")
     if prompt is None:
         raise ValueError("the model is text-conditional: give a prompt")
     prompts = expand_entry("caption", [prompt] if isinstance(prompt, str) else list(prompt), n)
-    return text_guidance(denoiser, scale, negative_prompt), encode_prompts(denoiser, prompts)
+    guided = thresholded(text_guidance(denoiser, scale, negative_prompt), thresholding)
+    return guided, encode_prompts(denoiser, prompts)
