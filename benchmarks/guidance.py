@@ -18,7 +18,8 @@ digits model is swept over the same w (Dhariwal & Nichol's Algorithm 2).
         --uncond-model runs/digits-ddpm] [--n 300] [--steps 50]
     python benchmarks/guidance.py ... --quick      # smoke run: 16 samples, 4 steps
 
-Writes benchmarks/results/guidance.json and guidance.png (accuracy against FD, one point per w).
+Writes benchmarks/results/guidance.json and guidance.png (accuracy against FD, one point per w);
+a call with only one of the models replaces that section and keeps the other.
 Models come from configs/digits-cfg.toml, shapes-text.toml, shapes-attributes.toml and
 digits-noisy-classifier.toml.
 """
@@ -33,11 +34,10 @@ from pathlib import Path
 
 import torch
 
-from difflab.data import get_dataset
-from difflab.data.shape_scenes import ATTRIBUTES, parse_caption
-from difflab.eval.frechet import frechet_distance
+from difflab.denoiser import thresholded
 from difflab.eval.metrics import classifier_outputs, digits_metrics
 from difflab.eval.report import digits_reference, sample_batched
+from difflab.eval.shapes import ShapesJudge
 from difflab.guidance import ClassifierGuidance, conditioned
 from difflab.train import load_pipeline
 from difflab.train.tasks import load_classifier
@@ -103,9 +103,13 @@ def classifier_guidance_section(args, n: int, labels: torch.Tensor, judge) -> di
     if (cmeta["schedule"], cmeta["T"]) != (meta["schedule"], meta["T"]):
         raise ValueError(f"the classifier was trained on {cmeta['schedule']}/{cmeta['T']}, the model on "
                          f"{meta['schedule']}/{meta['T']}: t would mean different noise levels")  # fmt: skip
-    out = sweep("digits classifier guidance",
-                lambda w: (ClassifierGuidance(uncond, classifier, w, strip_labels=True), {"y": labels}),
-                judge, n, args)  # fmt: skip
+
+    def make(w):  # clipped outermost, as the model was meant to be sampled (its diffusion.json)
+        return thresholded(ClassifierGuidance(uncond, classifier, w, strip_labels=True), meta["thresholding"]), {
+            "y": labels
+        }
+
+    out = sweep("digits classifier guidance", make, judge, n, args)
     return {"model": str(args.uncond_model), "classifier": str(args.noisy_classifier), "scales": out}
 
 
@@ -116,42 +120,13 @@ def shapes_section(args, n: int) -> dict:
         raise ValueError(f"{args.shapes_model} is not text-conditional; train configs/shapes-text.toml")
     classifier, _ = load_classifier(args.attribute_classifier)
     size = denoiser.sample_shape[-1]
-    if classifier.config.image_size != size:
-        raise ValueError(f"the attribute classifier judges {classifier.config.image_size}px images, the model "
-                         f"makes {size}px ones")  # fmt: skip
-    test = get_dataset("shapes", "test", size=size, n=max(n, 2))
-    items = [test[i] for i in range(n)]
-    prompts = [it["caption"] for it in items]
-    targets = {a: torch.tensor([ATTRIBUTES[a].index(parse_caption(p)[0][a]) for p in prompts])
-               for a in classifier.config.attributes}  # fmt: skip
-    real = torch.stack([it["x"] for it in items])
-    train = get_dataset("shapes", "train", size=size, n=max(n, 2))
-    real_train = torch.stack([train[i]["x"] for i in range(n)])
-
-    @torch.no_grad()
-    def features_and_logits(x):
-        feats = torch.cat([classifier.features(x[i : i + 256]) for i in range(0, len(x), 256)])
-        return feats, {a: head(feats) for a, head in classifier.heads.items()}
-
-    real_feats, _ = features_and_logits(real)
-
-    def judge(x: torch.Tensor) -> dict:
-        feats, logits = features_and_logits(x)
-        right = {a: logits[a].argmax(1) == targets[a] for a in targets}
-        every = torch.stack(list(right.values())).all(0)
-        return {
-            "accuracy": float(every.double().mean()),
-            **{f"acc_{a}": float(r.double().mean()) for a, r in right.items()},
-            "attribute_fd": frechet_distance(feats, real_feats),
-        }
-
-    floor = judge(real)  # the judge's accuracy on the real scenes the prompts describe
-    floor["attribute_fd"] = judge(real_train)["attribute_fd"]  # n real train scenes against them
+    judge = ShapesJudge.for_test_scenes(classifier, n, size)
     return {
         "model": str(args.shapes_model),
         "attribute_classifier": str(args.attribute_classifier),
-        "real_floor": floor,
-        "cfg": sweep("shapes cfg", lambda w: conditioned(denoiser, meta, n, scale=w, prompt=prompts), judge, n, args),
+        "real_floor": judge.real_floor(size),
+        "cfg": sweep("shapes cfg", lambda w: conditioned(denoiser, meta, n, scale=w, prompt=judge.prompts), judge,
+                     n, args),  # fmt: skip
     }
 
 
@@ -214,16 +189,17 @@ def main() -> None:
         args.n, args.steps = 16, 4
     out = args.out or RESULTS / ("guidance-quick.json" if args.quick else "guidance.json")
 
-    result = {
-        "settings": {"n": args.n, "sampler": args.sampler, "steps": args.steps, "seed": args.seed,
-                     "scales": list(SCALES), "quick": args.quick},  # fmt: skip
-        "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads",
-        "note": "w is the CFG weight: eps = (w + 1) eps(x, c) - w eps(x, null) (diffusers' guidance_scale = w + 1)",
-    }
+    # sections not measured in this call are kept from an earlier one (each has its settings)
+    result = json.loads(out.read_text()) if out.exists() else {}
+    result["note"] = "w is the CFG weight: eps = (w + 1) eps(x, c) - w eps(x, null) (diffusers' guidance_scale = w + 1)"
+    settings = {
+        "n": args.n, "sampler": args.sampler, "steps": args.steps, "seed": args.seed, "scales": list(SCALES),
+        "quick": args.quick, "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads",
+    }  # fmt: skip
     if args.digits_model is not None:
-        result["digits"] = digits_section(args, args.n)
+        result["digits"] = {"settings": settings, **digits_section(args, args.n)}
     if args.shapes_model is not None:
-        result["shapes"] = shapes_section(args, args.n)
+        result["shapes"] = {"settings": settings, **shapes_section(args, args.n)}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))

@@ -217,6 +217,7 @@ def test_encode_dataset_caches_unit_variance_latents():
 
     same = encode_dataset(autoencoder, _DictDataset(images), batch_size=64, rescale=False)
     assert same.scale_factor == cache.scale_factor
+    assert cache.fields is None and same.fields == [{"y": 0}] * 7  # labels and captions travel along
     torch.testing.assert_close(same.latents, cache.latents, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="batch_size must be an int >= 1"):
         encode_dataset(autoencoder, images, batch_size=0)

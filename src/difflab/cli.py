@@ -60,6 +60,14 @@ def _load(model: str):
     return load_pipeline(resolve(model))
 
 
+def _decoder(model: str):
+    """The latent pipeline's decoder, None for pixel models."""
+    from difflab.pretrained import resolve
+    from difflab.train import load_decoder
+
+    return load_decoder(resolve(model))
+
+
 def _sampling_settings(args: argparse.Namespace, meta: dict) -> dict:
     defaults = meta.get("sample", {})
     return {
@@ -96,7 +104,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from difflab.viz import save_samples
 
     denoiser, cond, settings, _ = _conditioned(args)
-    x = sample_batched(denoiser, args.n, seed=args.seed, cond=cond, progress=True, **settings)
+    decode = _decoder(args.model)
+    x = sample_batched(denoiser, args.n, seed=args.seed, cond=cond, progress=True, decode=decode, **settings)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     save_samples(x, out / "samples.png")
@@ -119,8 +128,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = meta.get("data", {}).get("name", "unknown data")
     if data != "digits":
         raise ValueError(f"difflab eval measures digits models; {args.model} was trained on {data}")
-    metrics, _ = evaluate_digits(denoiser, n=args.n, seed=args.seed, cond=cond, progress=True, **settings)
+    metrics, _ = evaluate_digits(
+        denoiser, n=args.n, seed=args.seed, cond=cond, progress=True, decode=_decoder(args.model), **settings
+    )
     if args.nll:
+        if meta.get("latent") is not None:
+            raise ValueError("--nll bounds the likelihood of pixels; a latent model's bound is on latents, not images")
         from difflab.data.digits import DigitsDataset
         from difflab.eval.metrics import nll_bpd
 

@@ -34,9 +34,11 @@ def sample_batched(
     batch_size: int = 500,
     cond: dict | None = None,
     progress: bool = False,
+    decode=None,
 ) -> Tensor:
     """`n` samples in batches, each example from its own generator (seed + index), so the
-    images do not depend on the batch size."""
+    images do not depend on the batch size. `decode` (a latent pipeline's `load_decoder`)
+    turns each batch of latents into images."""
     from difflab.samplers import sample
 
     if n < 1:
@@ -47,7 +49,8 @@ def sample_batched(
         gens = [torch.Generator().manual_seed(seed + i) for i in idx]
         batch_cond = None if cond is None else {k: v[start : start + len(idx)] for k, v in cond.items()}
         shape = (len(idx), *denoiser.sample_shape)
-        out.append(sample(denoiser, shape, sampler, steps, eta, generator=gens, progress=progress, cond=batch_cond))
+        x = sample(denoiser, shape, sampler, steps, eta, generator=gens, progress=progress, cond=batch_cond)
+        out.append(x if decode is None else decode(x))
     return torch.cat(out)
 
 
@@ -61,17 +64,18 @@ def evaluate_digits(
     eta: float = 0.0,
     cond: dict | None = None,
     progress: bool = False,
+    decode=None,
 ) -> tuple[dict, Tensor]:
     """Metrics of `n` samples against the 297 real test digits: digits FD, confident share,
     class histogram; plus the floors: the FD of `n` real *train* digits against the same
-    test set (what a perfect model would score at this count) and of two test halves."""
+    test set (what a perfect model would score at this count) and of two test halves.
+    `decode` turns a latent model's samples into images (see `load_decoder`)."""
     from difflab.eval.frechet import frechet_distance
     from difflab.eval.metrics import classifier_outputs, digits_metrics, real_vs_real_floor
 
-    size = denoiser.sample_shape[-1]
-    classifier, test, train = digits_reference(size)
     start = time.perf_counter()
-    samples = sample_batched(denoiser, n, sampler, steps, seed, eta, cond=cond, progress=progress)
+    samples = sample_batched(denoiser, n, sampler, steps, seed, eta, cond=cond, progress=progress, decode=decode)
+    classifier, test, train = digits_reference(samples.shape[-1])
     seconds = time.perf_counter() - start
     samples = samples.clamp(-1.0, 1.0)  # judged as they would be saved: pixels in [-1, 1]
     metrics = digits_metrics(samples, classifier, test)

@@ -20,9 +20,11 @@ LPIPS is optional and never downloaded: pass your own callable ``perceptual(x, x
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -185,15 +187,105 @@ def psnr(x: Tensor, reconstruction: Tensor, data_range: float = 2.0) -> Tensor:
     return (10 * torch.log10(data_range**2 / mse)).to(x.dtype)
 
 
+# --------------------------------------------------------------------------- the trained pair
+
+
+class AutoencoderGAN(nn.Module):
+    """The autoencoder and its patch discriminator as one module, so that one optimizer, one
+    checkpoint and one DDP wrapper hold both.
+
+    ``forward(x, step)`` returns the sum of the two per-example losses. Their gradients do not
+    mix: the generator term scores the reconstruction with the discriminator frozen, and the
+    discriminator sees detached reconstructions. So one Adam over both parameter sets takes
+    exactly the steps of two Adams with the same settings (VQGAN/LDM use the same lr and
+    betas for both), as long as gradient clipping is off (clipping would couple them).
+    """
+
+    def __init__(
+        self,
+        autoencoder: Autoencoder,
+        discriminator: nn.Module | None,
+        loss: AutoencoderLossConfig | None = None,
+        perceptual: Perceptual | None = None,
+    ):
+        super().__init__()
+        self.autoencoder, self.discriminator = autoencoder, discriminator
+        self.loss_config = loss or AutoencoderLossConfig()
+        self.perceptual = perceptual  # a plain callable, not a submodule: never trained or saved
+
+    def forward(self, x: Tensor, step: int, generator: torch.Generator | None = None) -> tuple[Tensor, dict]:
+        config = self.loss_config
+        output = self.autoencoder(x, generator=generator)
+        loss, logs = autoencoder_loss(
+            x, output, config=config, step=step, discriminator=self.discriminator,
+            last_layer=self.autoencoder.last_layer, perceptual=self.perceptual,
+        )  # fmt: skip
+        logs["psnr"] = psnr(x.detach(), output.reconstruction.detach().clamp(-1, 1)).mean()
+        if self.discriminator is not None:
+            d_loss, d_logs = discriminator_loss(self.discriminator, x, output.reconstruction, config=config, step=step)
+            # DDP needs every parameter in every step's graph; before disc_start the
+            # discriminator takes part with weight 0
+            unused = sum(p.sum() for p in self.discriminator.parameters()) * 0.0
+            loss = loss + d_loss + unused
+            logs.update(d_logs)
+        return loss, logs
+
+
+def load_lpips(net: str = "vgg") -> Perceptual:
+    """LPIPS (Zhang et al. 2018) from the ``lpips`` package, for ``perceptual_weight > 0``.
+
+    Its backbone weights come from torchvision's cache: they must already be on this machine
+    (difflab downloads nothing). Distances are per example, (B,), for images in [-1, 1].
+    """
+    try:
+        import lpips
+    except ImportError as error:
+        raise ValueError(
+            "perceptual_weight > 0 needs LPIPS: `pip install lpips` with its torchvision backbone weights already "
+            "in the torch hub cache (difflab downloads nothing), or set perceptual_weight = 0"
+        ) from error
+    model = lpips.LPIPS(net=net, verbose=False).eval().requires_grad_(False)
+
+    def distance(x: Tensor, reconstruction: Tensor) -> Tensor:
+        return model.to(x.device)(x, reconstruction).flatten()
+
+    return distance
+
+
 # --------------------------------------------------------------------------- cached latents
 
 
 @dataclass
 class LatentCache:
-    """Scaled latents of a data set (N, c, h, w) and the scale factor they were scaled by."""
+    """Scaled latents of a data set (N, c, h, w), the scale factor they were scaled by and,
+    for a data set of dicts, each item's other fields (labels, captions)."""
 
     latents: Tensor
     scale_factor: float
+    fields: list[dict] | None = None
+
+
+class LatentDataset(torch.utils.data.Dataset):
+    """Items of the encoded data set with "x" replaced by its scaled latent: diffusion trains
+    on these exactly as on images, and never runs the encoder again."""
+
+    def __init__(self, cache: LatentCache):
+        self.cache = cache
+        self.num_classes = None
+
+    @classmethod
+    def encode(cls, autoencoder: Autoencoder, dataset, *, batch_size: int = 64) -> LatentDataset:
+        """Encode ``dataset`` once (rescaling the autoencoder's scale factor to 1 / std)."""
+        latent = cls(encode_dataset(autoencoder, dataset, batch_size=batch_size))
+        latent.num_classes = getattr(getattr(dataset, "dataset", dataset), "num_classes", None)
+        return latent
+
+    def __len__(self) -> int:
+        return len(self.cache.latents)
+
+    def __getitem__(self, i: int) -> dict:
+        fields = self.cache.fields[i] if self.cache.fields is not None else {}
+        return {**fields, "x": self.cache.latents[i]}
 
 
 @torch.no_grad()
@@ -209,21 +301,22 @@ def encode_dataset(
     """Encode every image once (batched, no grad, eval mode) for training a diffusion model on latents.
 
     ``data``: an (N, C, H, W) tensor or a map-style data set whose items are images or
-    dicts with "x" (difflab's data sets). ``rescale=True`` sets the autoencoder's
-    ``scale_factor`` to 1 / std of these latents first; False keeps the one it has.
-    KL latents are posterior modes unless ``sample=True``; VQ latents are unquantized.
-    Latents are returned on the CPU, multiplied by the scale factor.
+    dicts with "x" (difflab's data sets; their other fields are kept in ``fields``).
+    ``rescale=True`` sets the autoencoder's ``scale_factor`` to 1 / std of these latents
+    first; False keeps the one it has. KL latents are posterior modes unless
+    ``sample=True``; VQ latents are unquantized. Latents are returned on the CPU,
+    multiplied by the scale factor.
     """
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     device = autoencoder.scale_factor.device
     was_training = autoencoder.training
     autoencoder.eval()
+    chunks, fields = [], []
     try:
-        chunks = [
-            autoencoder.latent(batch.to(device), sample=sample, generator=generator).float().cpu()
-            for batch in _image_batches(data, batch_size)
-        ]
+        for batch, batch_fields in _image_batches(data, batch_size):
+            chunks.append(autoencoder.latent(batch.to(device), sample=sample, generator=generator).float().cpu())
+            fields.extend(batch_fields)
     finally:
         autoencoder.train(was_training)
     if sum(len(chunk) for chunk in chunks) == 0:
@@ -232,16 +325,37 @@ def encode_dataset(
     if rescale:
         autoencoder.compute_scale_factor(latents)
     scale = float(autoencoder.scale_factor)
-    return LatentCache(latents * scale, scale)
+    return LatentCache(latents * scale, scale, fields if any(fields) else None)
 
 
-def _image_batches(data: Any, batch_size: int) -> Iterator[Tensor]:
+def _image_batches(data: Any, batch_size: int) -> Iterator[tuple[Tensor, list[dict]]]:
+    """(images, the items' other fields) per batch."""
     if isinstance(data, Tensor):
-        if len(data):
-            yield from data.split(batch_size)
+        for batch in data.split(batch_size) if len(data) else ():
+            yield batch, [{} for _ in batch]
         return
     if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
         raise ValueError(f"data must be an image tensor or a map-style data set, got {type(data).__name__}")
     for start in range(0, len(data), batch_size):
         items = [data[i] for i in range(start, min(start + batch_size, len(data)))]
-        yield torch.stack([item["x"] if isinstance(item, dict) else item for item in items])
+        if all(isinstance(item, dict) for item in items):
+            fields = [{k: v for k, v in item.items() if k != "x"} for item in items]
+            yield torch.stack([item["x"] for item in items]), fields
+        else:
+            yield torch.stack(items), [{} for _ in items]
+
+
+def load_autoencoder(path: str | Path, device: str | torch.device = "cpu") -> Autoencoder:
+    """A trained autoencoder (eval mode, frozen) from its folder, the ``model/`` of an
+    autoencoder run, or the ``autoencoder/`` of a latent diffusion pipeline."""
+    from difflab.nets import load_network
+
+    path = Path(path)
+    for directory in (path, path / "model", path / "autoencoder", path / "model" / "autoencoder"):
+        config = directory / "config.json"
+        if config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("class") == "Autoencoder":
+            return load_network(directory, device=device).eval().requires_grad_(False)
+    raise ValueError(
+        f"{path} holds no Autoencoder (config.json + model.safetensors of class Autoencoder, directly or in "
+        "model/ or autoencoder/); train one with task = \"autoencoder\""
+    )

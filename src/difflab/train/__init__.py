@@ -3,7 +3,7 @@ data-parallel runs with torchrun, and `load_pipeline` to sample from a finished 
 
 from difflab.train.config import Config, load_config, save_config
 from difflab.train.loop import TrainingDiverged, TrainingInterrupted
-from difflab.train.pipeline import load_pipeline
+from difflab.train.pipeline import load_decoder, load_pipeline
 from difflab.train.runner import load_run_config, run
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "TrainingDiverged",
     "TrainingInterrupted",
     "load_config",
+    "load_decoder",
     "load_pipeline",
     "load_run_config",
     "run",

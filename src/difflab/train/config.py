@@ -164,7 +164,26 @@ class SampleConfig:
         )  # fmt: skip
 
 
-SECTIONS: dict[str, type] = {"diffusion": DiffusionConfig, "train": TrainConfig, "sample": SampleConfig}
+@dataclass
+class LatentConfig:
+    """Latent diffusion: `autoencoder` is the folder of a trained autoencoder (an autoencoder
+    run, its model/, or a latent pipeline); "" trains in pixel space. The data set is encoded
+    once (posterior modes, `batch_size` images at a time), scaled to unit variance, and the
+    exported pipeline carries a copy of the autoencoder to decode its samples."""
+
+    autoencoder: str = ""
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        _require(self.batch_size >= 1, "latent.batch_size", self.batch_size, "an int >= 1")
+
+
+SECTIONS: dict[str, type] = {
+    "diffusion": DiffusionConfig,
+    "train": TrainConfig,
+    "sample": SampleConfig,
+    "latent": LatentConfig,
+}
 
 
 @dataclass
@@ -177,6 +196,7 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:

@@ -144,6 +144,7 @@ class Trainer:
         Returns the step's statistics averaged over all processes."""
         acc, world, rank = self.cfg.accumulate, self.dist.world_size, self.dist.rank
         self.optimizer.zero_grad(set_to_none=True)
+        self.task.step = self.step
         totals: dict[str, torch.Tensor] = {}
         for k in range(acc):
             batch = {key: v.to(self.device) if torch.is_tensor(v) else v for key, v in next(batches).items()}

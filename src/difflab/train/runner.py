@@ -56,7 +56,14 @@ def make_trainer(config: Config, run_dir: str | Path, dist: Dist | None = None) 
     if data.get("name") == "folder":
         data.setdefault("on_error", config.train.on_bad_image)
     dataset = build_dataset(data, config.train.on_bad_image)
-    task = build_task(config, DataInfo.of(dataset), dist)
+    autoencoder = None
+    if config.latent.autoencoder:  # latent diffusion: encode the data once, train on the latents
+        from difflab.methods.latent import LatentDataset, load_autoencoder
+
+        device = dist.device if dist is not None else "cpu"
+        autoencoder = load_autoencoder(config.latent.autoencoder, device=device)
+        dataset = LatentDataset.encode(autoencoder, dataset, batch_size=config.latent.batch_size)
+    task = build_task(config, DataInfo.of(dataset, autoencoder=autoencoder), dist)
     return Trainer(task, dataset, config, run_dir, dist)
 
 

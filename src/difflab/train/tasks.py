@@ -24,6 +24,7 @@ from difflab.train.distributed import Dist
 
 DIFFUSION_FILE = "diffusion.json"
 DIFFUSION_FORMAT = "difflab-diffusion"
+LATENT_DIR = "autoencoder"  # inside a latent pipeline folder
 
 
 @dataclass(frozen=True)
@@ -35,19 +36,23 @@ class DataInfo:
     sample_shape: tuple[int, ...]
     num_classes: int | None = None
     captions: tuple[str, ...] | None = None
+    examples: Tensor | None = None  # the first few x, for pictures of reconstructions
+    autoencoder: nn.Module | None = None  # latent data: the autoencoder whose scaled latents x are
 
     @classmethod
-    def of(cls, dataset, num_captions: int = 64) -> DataInfo:
+    def of(cls, dataset, num_captions: int = 64, num_examples: int = 8, autoencoder=None) -> DataInfo:
         first = dataset[0]
         captions = None
         if "caption" in first:
             captions = tuple(dataset[i]["caption"] for i in range(min(len(dataset), num_captions)))
+        examples = torch.stack([dataset[i]["x"] for i in range(min(len(dataset), num_examples))])
         num_classes = getattr(getattr(dataset, "dataset", dataset), "num_classes", None)
-        return cls(tuple(first["x"].shape), num_classes, captions)
+        return cls(tuple(first["x"].shape), num_classes, captions, examples, autoencoder)
 
 
 class Task(Protocol):
     model: nn.Module  # the trainable module; the loop optimises its parameters
+    step: int  # optimizer updates done so far; the loop sets it before each step
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         """Per-example loss (B,) and scalar logs for one micro-batch. `model` is `self.model`
@@ -134,10 +139,11 @@ class DiffusionTask:
         s = self.config.sample
         device = next(model.parameters()).device
         denoiser, cond = self.grid_condition(self.denoiser(model), n, device)
-        return sample(
+        x = sample(
             denoiser, (n, *self.data.sample_shape), s.sampler, s.steps, s.eta,
             generator=generator, progress=False, cond=cond, device=device,
         )  # fmt: skip
+        return x if self.data.autoencoder is None else self.data.autoencoder.decode_scaled(x)
 
     def grid_condition(self, denoiser: NetworkDenoiser, n: int, device) -> tuple[Denoiser, dict | None]:
         """The denoiser and cond of the sample grid: classes in turn, with CFG if sample.guidance,
@@ -151,8 +157,8 @@ class DiffusionTask:
     def thresholding(self) -> str:
         """sample.thresholding resolved: "auto" is static clipping for images, none for vectors."""
         kind = self.config.sample.thresholding
-        if kind == "auto":
-            return "static" if len(self.data.sample_shape) == 3 else "none"
+        if kind == "auto":  # latents are not bounded like pixels
+            return "static" if len(self.data.sample_shape) == 3 and self.data.autoencoder is None else "none"
         return kind
 
     def extra_state(self) -> dict:
@@ -166,6 +172,8 @@ class DiffusionTask:
         if not hasattr(model, "save_pretrained"):
             raise ValueError(f"{type(model).__name__} has no save_pretrained; build networks with difflab.nets")
         model.save_pretrained(directory)
+        if self.data.autoencoder is not None:  # the pipeline folder carries its decoder
+            self.data.autoencoder.save_pretrained(Path(directory) / LATENT_DIR)
         meta = self.metadata()
         (Path(directory) / DIFFUSION_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
@@ -185,6 +193,21 @@ class DiffusionTask:
             "data": dict(self.config.data),
             "thresholding": self.thresholding,
             "sample": {"sampler": s.sampler, "steps": s.steps, "n": s.n, "eta": s.eta, "guidance": s.guidance},
+            "latent": self.latent_metadata(),
+        }
+
+    def latent_metadata(self) -> dict | None:
+        """None for pixel models; for latent ones, where the autoencoder is and what it decodes to."""
+        autoencoder = self.data.autoencoder
+        if autoencoder is None:
+            return None
+        _, h, w = self.data.sample_shape
+        f = autoencoder.downsampling_factor
+        channels = autoencoder.config.out_channels or autoencoder.config.in_channels
+        return {
+            "autoencoder": LATENT_DIR,
+            "scale_factor": float(autoencoder.scale_factor),
+            "image_shape": [channels, h * f, w * f],
         }
 
 
@@ -222,6 +245,100 @@ class TextDiffusionTask(DiffusionTask):
 
     def metadata(self) -> dict:
         return {**super().metadata(), "conditioning": "text", "null_caption": ""}
+
+
+# ---------------------------------------------------------------- autoencoders
+AUTOENCODER_FILE = "autoencoder.json"
+AUTOENCODER_FORMAT = "difflab-autoencoder"
+
+
+class AutoencoderTask:
+    """Perceptual compression, latent diffusion's first stage: the `Autoencoder` of [model]
+    and, if [model.discriminator] is given, a `PatchDiscriminator`, trained together as one
+    `AutoencoderGAN` (one optimizer: their gradients do not mix; keep train.grad_clip = 0 so
+    the clipping does not couple them). [model.loss] holds `AutoencoderLossConfig`'s weights;
+    the GAN terms start at loss.disc_start, counted in optimizer steps; loss.perceptual_weight
+    > 0 adds LPIPS (backbone [model] lpips_net, default "vgg") from weights already on the
+    machine. The sample grid shows the first training images above their reconstructions.
+    The export is the autoencoder alone plus autoencoder.json; a diffusion recipe with
+    `[latent] autoencoder = RUN` trains on its latents."""
+
+    def __init__(self, config: Config, data: DataInfo, dist: Dist | None = None):
+        from difflab.methods.latent import AutoencoderGAN, load_lpips
+        from difflab.nets import Autoencoder, build_network
+
+        model = dict(config.model)
+        discriminator, loss = model.pop("discriminator", None), model.pop("loss", {})
+        loss_net = model.pop("lpips_net", "vgg")
+        autoencoder = build_network(model)
+        if not isinstance(autoencoder, Autoencoder):
+            kind = type(autoencoder).__name__
+            raise ValueError(f'task "autoencoder" needs [model] class = "Autoencoder", got {kind}')
+        channels = autoencoder.config.in_channels
+        if len(data.sample_shape) != 3 or data.sample_shape[0] != channels:
+            raise ValueError(f"the autoencoder takes {channels}-channel images; the data's examples have shape "
+                             f"{data.sample_shape}")  # fmt: skip
+        autoencoder.latent_shape(*data.sample_shape[1:])  # the image size must be a multiple of f
+        critic = None if discriminator is None else _build_discriminator(discriminator, channels)
+        loss = _loss_config(loss)
+        perceptual = load_lpips(loss_net) if loss.perceptual_weight > 0 else None
+        self.config, self.data, self.step = config, data, 0
+        self.model = AutoencoderGAN(autoencoder, critic, loss, perceptual)
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        return model(batch["x"], self.step, generator)
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
+        device = next(model.parameters()).device
+        x = self.data.examples[: max(1, n // 2)].to(device)
+        return torch.cat([x, model.autoencoder(x, sample_posterior=False).reconstruction.clamp(-1, 1)])
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def metadata(self, autoencoder: nn.Module) -> dict:
+        return {
+            "format": AUTOENCODER_FORMAT,
+            "version": 1,
+            "image_shape": list(self.data.sample_shape),
+            "latent_shape": list(autoencoder.latent_shape(*self.data.sample_shape[1:])),
+            "downsampling_factor": autoencoder.downsampling_factor,
+            "regularization": autoencoder.config.regularization,
+            "data": dict(self.config.data),
+        }
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        model.autoencoder.save_pretrained(directory)
+        meta = json.dumps(self.metadata(model.autoencoder), indent=2) + "\n"
+        (Path(directory) / AUTOENCODER_FILE).write_text(meta, encoding="utf-8")
+
+
+def _build_discriminator(config: dict, in_channels: int) -> nn.Module:
+    from difflab.nets import PatchDiscriminator
+
+    if not isinstance(config, dict):
+        raise ValueError(f"[model.discriminator] must be a table of PatchDiscriminator settings, got {config!r}")
+    config = {"in_channels": in_channels, **config}
+    kind = config.pop("class", "PatchDiscriminator")
+    if kind != "PatchDiscriminator":
+        raise ValueError(f'[model.discriminator] class must be "PatchDiscriminator", got {kind!r}')
+    return PatchDiscriminator(config)
+
+
+def _loss_config(values: dict):
+    from dataclasses import fields
+
+    from difflab.methods.latent import AutoencoderLossConfig
+
+    allowed = [f.name for f in fields(AutoencoderLossConfig)]
+    if not isinstance(values, dict) or set(values) - set(allowed):
+        unknown = sorted(set(values) - set(allowed)) if isinstance(values, dict) else values
+        raise ValueError(f"[model.loss] has unknown key(s) {unknown}; allowed: {', '.join(allowed)}")
+    return AutoencoderLossConfig(**values)
 
 
 # ---------------------------------------------------------------- classifiers
@@ -434,6 +551,7 @@ TASKS = {
     "text_diffusion": TextDiffusionTask,
     "noisy_classifier": NoisyClassifierTask,
     "attribute_classifier": AttributeClassifierTask,
+    "autoencoder": AutoencoderTask,
 }
 
 
