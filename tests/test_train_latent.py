@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from difflab.cli import main
+from difflab.denoiser import ClipDenoiser
 from difflab.guidance import conditioned
 from difflab.methods.latent import AutoencoderGAN, load_autoencoder
 from difflab.nets import Autoencoder
@@ -111,7 +112,8 @@ def test_the_latent_pipeline_reloads_and_samples_exactly_as_trained(tmp_path):
     run_dir = run(config, tmp_path / "ldm")
 
     denoiser, meta = load_pipeline(run_dir)
-    assert meta["sample_shape"] == [2, 4, 4] and meta["thresholding"] == "none"  # latents are not clipped
+    # latents are clipped at +-3 (unit variance), not at the pixels' +-1
+    assert meta["sample_shape"] == [2, 4, 4] and meta["thresholding"] == "static" and meta["thresholding_limit"] == 3.0
     assert meta["latent"]["image_shape"] == [1, 8, 8] and (run_dir / "model" / "autoencoder").is_dir()
 
     # the scale factor makes the cached training latents unit-variance
@@ -126,6 +128,7 @@ def test_the_latent_pipeline_reloads_and_samples_exactly_as_trained(tmp_path):
     trainer.sampling_model().eval()
     trained = trainer.task.sample_images(trainer.sampling_model(), 4, torch.Generator().manual_seed(3))
     guided, cond = conditioned(denoiser, meta, 4, scale=meta["sample"]["guidance"])
+    assert isinstance(guided, ClipDenoiser) and guided.limit == 3.0
     decode = load_decoder(run_dir)
     x = sample(guided, (4, 2, 4, 4), "ddim", 4, generator=torch.Generator().manual_seed(3), progress=False, cond=cond)
     reloaded = decode(x)

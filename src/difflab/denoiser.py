@@ -146,6 +146,11 @@ class X0Thresholding(DenoiserWrapper):
         return new
 
 
+# Static bound of a latent model's x0_hat: its latents are scaled to unit variance, so +-3
+# keeps 99.7% of a Gaussian's mass while stopping the blow-up at the noisiest steps.
+LATENT_CLIP_LIMIT = 3.0
+
+
 class ClipDenoiser(X0Thresholding):
     """Static thresholding: x0_hat clipped to [-limit, limit] (data scaled to [-1, 1])."""
 
@@ -182,14 +187,15 @@ class DynamicThresholdDenoiser(X0Thresholding):
 THRESHOLDINGS = ("none", "static", "dynamic")
 
 
-def thresholded(denoiser: Denoiser, kind: str) -> Denoiser:
+def thresholded(denoiser: Denoiser, kind: str, limit: float = 1.0) -> Denoiser:
     """`denoiser` with x0 thresholding of the named kind ("none" returns it unchanged).
     Pixel models should sample with "static" (improved-diffusion's clip_denoised): without it,
-    eps-prediction at the noisiest steps divides model error by sqrt(alpha_bar) ~ 1e-4."""
+    eps-prediction at the noisiest steps divides model error by sqrt(alpha_bar) ~ 1e-4.
+    `limit` is the static bound (1 for pixels; unit-variance latents use LATENT_CLIP_LIMIT)."""
     if kind not in THRESHOLDINGS:
         raise ValueError(f"unknown thresholding {kind!r}; allowed: {', '.join(THRESHOLDINGS)}")
     if kind == "static":
-        return ClipDenoiser(denoiser)
+        return ClipDenoiser(denoiser, limit)
     if kind == "dynamic":
         return DynamicThresholdDenoiser(denoiser)
     return denoiser

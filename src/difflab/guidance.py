@@ -336,6 +336,7 @@ def conditioned(
     outermost, so the guided x0 is what gets clipped."""
     scale = check_scale(scale)
     thresholding = meta.get("thresholding", "none")
+    limit = meta.get("thresholding_limit", 1.0)
     kind = meta.get("conditioning") or ("class" if meta.get("num_classes") else None)
     if kind != "text" and (prompt is not None or negative_prompt is not None):
         raise ValueError("prompt/negative_prompt given, but the model is not text-conditional")
@@ -344,7 +345,7 @@ def conditioned(
     if kind is None:
         if scale != 0.0:
             raise ValueError("guidance scale given, but the model is unconditional")
-        return thresholded(denoiser, thresholding), None
+        return thresholded(denoiser, thresholding, limit), None
     if kind == "class":
         k = int(meta["num_classes"])
         if label is None:
@@ -353,11 +354,11 @@ def conditioned(
             labels = expand_entry("y", label if isinstance(label, int) else torch.as_tensor(label), n)
         if labels.min() < 0 or labels.max() >= k:
             raise ValueError(f"labels must lie in [0, {k - 1}], got {labels.unique().tolist()}")
-        return thresholded(class_guidance(denoiser, k, scale), thresholding), {"y": labels.long()}
+        return thresholded(class_guidance(denoiser, k, scale), thresholding, limit), {"y": labels.long()}
     if kind != "text":
         raise ValueError(f"unknown conditioning {kind!r} in the model's diffusion.json; allowed: class, text")
     if prompt is None:
         raise ValueError("the model is text-conditional: give a prompt")
     prompts = expand_entry("caption", [prompt] if isinstance(prompt, str) else list(prompt), n)
-    guided = thresholded(text_guidance(denoiser, scale, negative_prompt), thresholding)
+    guided = thresholded(text_guidance(denoiser, scale, negative_prompt), thresholding, limit)
     return guided, encode_prompts(denoiser, prompts)

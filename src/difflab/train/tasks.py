@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from difflab.data.shape_scenes import ATTRIBUTES
-from difflab.denoiser import Denoiser, NetworkDenoiser
+from difflab.denoiser import LATENT_CLIP_LIMIT, Denoiser, NetworkDenoiser
 from difflab.losses import DiffusionLoss
 from difflab.nets.base import ConfigModule, NetConfig, check_image, check_int, check_int_tuple
 from difflab.schedules import Schedule
@@ -157,8 +157,8 @@ class DiffusionTask:
     def thresholding(self) -> str:
         """sample.thresholding resolved: "auto" is static clipping for images, none for vectors."""
         kind = self.config.sample.thresholding
-        if kind == "auto":  # latents are not bounded like pixels
-            return "static" if len(self.data.sample_shape) == 3 and self.data.autoencoder is None else "none"
+        if kind == "auto":  # latents are clipped too, at a bound for unit variance (thresholding_limit)
+            return "static" if len(self.data.sample_shape) == 3 else "none"
         return kind
 
     def extra_state(self) -> dict:
@@ -192,6 +192,7 @@ class DiffusionTask:
             "num_classes": self.num_classes,
             "data": dict(self.config.data),
             "thresholding": self.thresholding,
+            "thresholding_limit": 1.0 if self.data.autoencoder is None else LATENT_CLIP_LIMIT,
             "sample": {"sampler": s.sampler, "steps": s.steps, "n": s.n, "eta": s.eta, "guidance": s.guidance},
             "latent": self.latent_metadata(),
         }
