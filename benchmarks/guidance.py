@@ -124,7 +124,7 @@ def shapes_section(args, n: int) -> dict:
     return {
         "model": str(args.shapes_model),
         "attribute_classifier": str(args.attribute_classifier),
-        "real_floor": judge.real_floor(size),
+        "real_floor": judge.real_floor(),
         "cfg": sweep("shapes cfg", lambda w: conditioned(denoiser, meta, n, scale=w, prompt=judge.prompts), judge,
                      n, args),  # fmt: skip
     }

@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 
-from difflab.data import get_dataset
 from difflab.data.images import save_grid
 from difflab.eval.report import sample_batched
 from difflab.eval.shapes import ShapesJudge
@@ -41,9 +40,8 @@ from difflab.train.tasks import load_classifier
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def test_scenes(n: int, size: int) -> torch.Tensor:
-    test = get_dataset("shapes", "test", size=size, n=max(n, 2))
-    return torch.stack([test[i]["x"] for i in range(n)])
+def print_row(row: dict) -> None:
+    print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
 
 
 @torch.no_grad()
@@ -70,7 +68,7 @@ def autoencoder_row(path: Path, images: torch.Tensor, judge: ShapesJudge, batch_
     if cfg.regularization == "vq":
         q = autoencoder.quantize(latents)
         row.update(codebook_usage=float(q.usage), perplexity=float(q.perplexity), num_codes=cfg.num_codes)
-    print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    print_row(row)
     return row, recon
 
 
@@ -98,7 +96,7 @@ def diffusion_row(path: Path, judge: ShapesJudge, args) -> tuple[dict, torch.Ten
         "sampling_images_per_second": len(x) / seconds,
         **judge(x),
     }
-    print(", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()), flush=True)
+    print_row(row)
     return row, x.clamp(-1, 1)
 
 
@@ -122,11 +120,11 @@ def main() -> None:
 
     classifier, _ = load_classifier(args.attribute_classifier)
     judge = ShapesJudge.for_test_scenes(classifier, args.n, args.size)
-    images = test_scenes(args.n, args.size)
+    images = judge.real  # the prompts' own scenes: the autoencoders reconstruct them
     result = {
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "autoencoder"},
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads",
-        "real_floor": judge.real_floor(args.size),
+        "real_floor": judge.real_floor(),
     }
     pictures = [images[:8]]
     if args.autoencoder:

@@ -128,12 +128,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = meta.get("data", {}).get("name", "unknown data")
     if data != "digits":
         raise ValueError(f"difflab eval measures digits models; {args.model} was trained on {data}")
+    if args.nll and meta.get("latent") is not None:  # refused before any sampling
+        raise ValueError("--nll bounds the likelihood of pixels; a latent model's bound is on latents, not images")
     metrics, _ = evaluate_digits(
         denoiser, n=args.n, seed=args.seed, cond=cond, progress=True, decode=_decoder(args.model), **settings
     )
     if args.nll:
-        if meta.get("latent") is not None:
-            raise ValueError("--nll bounds the likelihood of pixels; a latent model's bound is on latents, not images")
         from difflab.data.digits import DigitsDataset
         from difflab.eval.metrics import nll_bpd
 

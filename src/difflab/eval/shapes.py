@@ -24,7 +24,7 @@ class ShapesJudge:
     per-attribute accuracies and attribute FD against ``real`` (the scenes the prompts describe)."""
 
     def __init__(self, classifier: nn.Module, prompts: list[str], real: Tensor, batch_size: int = 256):
-        self.classifier, self.prompts, self.batch_size = classifier, list(prompts), batch_size
+        self.classifier, self.prompts, self.real, self.batch_size = classifier, list(prompts), real, batch_size
         objects = [parse_caption(p) for p in self.prompts]
         if any(len(o) != 1 for o in objects):
             raise ValueError("the attribute classifier judges single-object prompts only")
@@ -65,14 +65,13 @@ class ShapesJudge:
             "attribute_fd": frechet_distance(feats, self.real_features),
         }
 
-    def real_floor(self, size: int) -> dict:
+    def real_floor(self) -> dict:
         """What real data scores: the judge on the prompts' own scenes (accuracy), and the FD of
-        as many real train scenes against them (the finite-sample floor of the FD)."""
+        as many real train scenes (same size) against them (the finite-sample floor of the FD)."""
         from difflab.data import get_dataset
 
-        n = len(self.prompts)
-        test = get_dataset("shapes", "test", size=size, n=max(n, 2))
-        floor = self(torch.stack([test[i]["x"] for i in range(n)]))
+        n, size = len(self.prompts), self.real.shape[-1]
+        floor = self(self.real)
         train = get_dataset("shapes", "train", size=size, n=max(n, 2))
         train_feats, _ = self.features_and_logits(torch.stack([train[i]["x"] for i in range(n)]))
         floor["attribute_fd"] = frechet_distance(train_feats, self.real_features)
