@@ -5,7 +5,8 @@ For every w in {0, 0.5, 1, 2, 4, 8} (classifier-free guidance; w = 0 is the plai
 model) the same seeds are sampled and judged:
   - digits: conditional accuracy (the shipped digits classifier's arg-max equals the requested
     label), confident share, and digits FD against the 297 real test digits;
-  - shapes: conditional accuracy (the attribute classifier reads back every attribute of the
+  - shapes (a pixel or a latent text-to-image model, judged on its decoded 64x64 or 32x32
+    images): conditional accuracy (the attribute classifier reads back every attribute of the
     prompt: shape, colour, size and position), per-attribute accuracies, and the Frechet distance
     in the attribute classifier's feature space against real test scenes. Prompts are the
     captions of the first n test scenes, so the real images are a matched reference.
@@ -39,20 +40,22 @@ from difflab.eval.metrics import classifier_outputs, digits_metrics
 from difflab.eval.report import digits_reference, sample_batched
 from difflab.eval.shapes import ShapesJudge
 from difflab.guidance import ClassifierGuidance, conditioned
-from difflab.train import load_pipeline
+from difflab.train import load_decoder, load_pipeline
 from difflab.train.tasks import load_classifier
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SCALES = (0.0, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def sweep(name: str, make, judge, n: int, args) -> dict:
-    """For each w: (denoiser, cond) = make(w), n samples with per-example seeds, then judge."""
+def sweep(name: str, make, judge, n: int, args, decode=None) -> dict:
+    """For each w: (denoiser, cond) = make(w), n samples with per-example seeds (decoded to pixels
+    for a latent model), then judge."""
     out = {}
     for w in SCALES:
         denoiser, cond = make(w)
         start = time.perf_counter()
-        x = sample_batched(denoiser, n, args.sampler, args.steps, args.seed, cond=cond, batch_size=args.batch_size)
+        x = sample_batched(denoiser, n, args.sampler, args.steps, args.seed, cond=cond, batch_size=args.batch_size,
+                           decode=decode)  # fmt: skip
         x = x.clamp(-1, 1)  # judged as saved pictures are (strong guidance overshoots [-1, 1])
         metrics = {**judge(x), "sampling_seconds": time.perf_counter() - start}
         out[str(w)] = metrics
@@ -119,14 +122,17 @@ def shapes_section(args, n: int) -> dict:
     if meta.get("conditioning") != "text":
         raise ValueError(f"{args.shapes_model} is not text-conditional; train configs/shapes-text.toml")
     classifier, _ = load_classifier(args.attribute_classifier)
-    size = denoiser.sample_shape[-1]
+    latent = meta.get("latent")
+    size = latent["image_shape"][-1] if latent else denoiser.sample_shape[-1]
     judge = ShapesJudge.for_test_scenes(classifier, n, size)
     return {
         "model": str(args.shapes_model),
+        "space": "latent" if latent else "pixels",
+        "image_size": size,
         "attribute_classifier": str(args.attribute_classifier),
         "real_floor": judge.real_floor(),
         "cfg": sweep("shapes cfg", lambda w: conditioned(denoiser, meta, n, scale=w, prompt=judge.prompts), judge,
-                     n, args),  # fmt: skip
+                     n, args, decode=load_decoder(args.shapes_model)),  # fmt: skip
     }
 
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from difflab.nets import UNet, UNetConfig, timestep_embedding
 from difflab.nets.layers import ResBlock, SpatialSelfAttention
+from difflab.nets.unet import coordinate_maps, masked_mean
 from test_nets_support import perturb_zero_params_
 
 TINY = dict(
@@ -31,6 +32,9 @@ COMBOS = {
     "all_conditions": dict(
         num_classes=5, context_dim=6, concat_channels=2, learn_sigma=True, out_channels=1,
         dropout=0.1,
+    ),
+    "pooled_context_coordinates": dict(
+        context_dim=6, pooled_context=True, coordinate_channels=True, mid_attention=False
     ),
     "three_levels_no_attention": dict(
         channel_mult=(1, 2, 2), attention_resolutions=(), mid_attention=False
@@ -235,8 +239,9 @@ def test_skip_rescale_divides_the_residual_sum_by_sqrt2():
 # --------------------------------------------------------------------------- conditioning
 
 
-def test_cross_attention_ignores_padded_context_tokens():
-    net = make_unet(context_dim=6, attention_resolutions=(1, 2))
+@pytest.mark.parametrize("pooled", [False, True])
+def test_cross_attention_ignores_padded_context_tokens(pooled):
+    net = make_unet(context_dim=6, attention_resolutions=(1, 2), pooled_context=pooled)
     perturb_zero_params_(net)
     x = torch.randn(2, 3, 8, 8)
     context = torch.randn(2, 5, 6)
@@ -252,6 +257,49 @@ def test_cross_attention_ignores_padded_context_tokens():
     changed[0, 1] += 1.0
     out = net(x, 10, {"context": changed, "context_mask": mask})
     assert not torch.allclose(out[0], reference[0])
+
+
+def test_masked_mean_averages_the_real_tokens_only():
+    context = torch.tensor([[[1.0, 2.0], [3.0, 6.0], [float("nan"), 1e9]], [[5.0, 5.0]] * 3])
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    torch.testing.assert_close(masked_mean(context, mask), torch.tensor([[2.0, 4.0], [0.0, 0.0]]))
+    torch.testing.assert_close(masked_mean(context[1:], None), torch.tensor([[5.0, 5.0]]))
+
+
+def test_pooled_context_is_a_projected_mean_added_to_the_time_embedding():
+    net = make_unet(context_dim=6, pooled_context=True)
+    perturb_zero_params_(net)
+    x, t, cond = make_inputs(net)
+    emb = net.time_embed(t) + net.context_embed(masked_mean(cond["context"], cond["context_mask"]))
+    seen = {}
+    net.encoder.register_forward_hook(lambda module, args, out: seen.update(emb=args[1]))
+    out = net(x, t, cond)
+    torch.testing.assert_close(seen["emb"], emb)
+    # without the projection it is exactly the cross-attention-only U-Net with the same weights
+    plain = make_unet(context_dim=6)
+    missing, unexpected = plain.load_state_dict(net.state_dict(), strict=False)
+    assert missing == [] and unexpected == ["context_embed.weight", "context_embed.bias"]
+    assert not torch.allclose(plain(x, t, cond), out)
+    nn.init.zeros_(net.context_embed.weight), nn.init.zeros_(net.context_embed.bias)
+    torch.testing.assert_close(net(x, t, cond), plain(x, t, cond))
+
+
+def test_coordinate_channels_give_the_input_conv_each_pixels_position():
+    maps = coordinate_maps(torch.zeros(2, 3, 4, 6))
+    assert maps.shape == (2, 2, 4, 6)
+    torch.testing.assert_close(maps[1, 0, 3], torch.linspace(-1, 1, 6))  # x along the width
+    torch.testing.assert_close(maps[1, 1, :, 5], torch.linspace(-1, 1, 4))  # y down the height
+    net = make_unet(coordinate_channels=True)
+    perturb_zero_params_(net)
+    x, t, _ = make_inputs(net)
+    plain = make_unet()
+    state = net.state_dict()
+    state["encoder.input_conv.weight"] = state["encoder.input_conv.weight"][:, :3]
+    plain.load_state_dict(state)
+    assert not torch.allclose(net(x, t), plain(x, t))
+    with torch.no_grad():  # with the coordinate inputs' weights at 0 it is the plain U-Net
+        net.encoder.input_conv.weight[:, 3:] = 0
+    torch.testing.assert_close(net(x, t), plain(x, t))
 
 
 def test_missing_context_mask_means_all_tokens_are_real():
@@ -378,6 +426,8 @@ def test_bad_images_raise():
         (dict(model_channels=True), "model_channels must be an int"),
         (dict(dropout=1.0), r"dropout must be in \[0, 1\)"),
         (dict(context_dim=4, attention_resolutions=(), mid_attention=False), "somewhere to attend"),
+        (dict(pooled_context=True), "pooled_context needs context_dim"),
+        (dict(coordinate_channels=1), "coordinate_channels must be a bool"),
         (dict(widht=3), r"unknown UNetConfig keys \['widht'\]; allowed keys: \['in_channels'"),
     ],
 )

@@ -72,8 +72,9 @@ def test_unknown_words_empty_captions_and_bad_input():
 
 
 # ---------------------------------------------------------------- trained encoder
-def test_padding_does_not_change_the_encoding_or_the_unet_output():
-    model = tiny_model()
+@pytest.mark.parametrize("pooled", [False, True])
+def test_padding_does_not_change_the_encoding_or_the_unet_output(pooled):
+    model = tiny_model(unet={**TINY["unet"], "pooled_context": pooled})
     texts = ["a big red square at the top left", "a circle", ""]
     short = model.text_encoder.encode(texts)
     ids, mask = model.text_encoder.tokenizer(texts, pad_to=20)
@@ -87,11 +88,24 @@ def test_padding_does_not_change_the_encoding_or_the_unet_output():
     out_short = model(x, t, short)
     out_long = model(x, t, {"context": long, "context_mask": mask})
     out_caption = model(x, t, {"caption": texts})
-    torch.testing.assert_close(out_long, out_short, atol=1e-6, rtol=1e-6)
-    torch.testing.assert_close(out_caption, out_short, atol=1e-6, rtol=1e-6)
+    # (1e-5: the pooled mean sums a longer row of zeros in another order)
+    torch.testing.assert_close(out_long, out_short, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out_caption, out_short, atol=1e-5, rtol=1e-5)
     # and the text matters: another caption, another output
     other = model(x, t, {"caption": ["a small blue circle at the bottom right"] * 3})
     assert (other - out_short).abs().max() > 1e-3
+
+
+def test_depth_zero_encoder_keeps_every_word_its_own_token():
+    """At depth 0 a word's context token depends on that word and its place only, so changing
+    the position words leaves the other tokens exactly as they were (nothing mixes across)."""
+    texts = ["a big red square at the top left", "a big red square at the bottom right"]
+    encoder = tiny_model(text_encoder={**TINY["text_encoder"], "depth": 0}).text_encoder
+    a, b = encoder.encode(texts)["context"]
+    torch.testing.assert_close(a[:6], b[:6], rtol=0, atol=0)
+    assert (a[6:] - b[6:]).norm(dim=1).min() > 1.0  # the changed words stay far apart (unit-scale tokens)
+    mixing = tiny_model().text_encoder.encode(texts)["context"]
+    assert not torch.equal(mixing[0, :6], mixing[1, :6])  # depth 2 mixes
 
 
 def test_caption_dropout_hits_its_rate_only_in_training():

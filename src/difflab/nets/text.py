@@ -130,7 +130,11 @@ class WordTokenizer:
 
 @dataclass(frozen=True)
 class TextEncoderConfig(NetConfig):
-    """A pre-norm transformer over word tokens with learned positions; `dim` is the context dim."""
+    """A pre-norm transformer over word tokens with learned positions; `dim` is the context dim.
+    depth 0 is a valid choice, not a degenerate one: each context token is then its own word
+    embedding + position, layer-normed, so no word can be drowned by the others. On the shapes
+    captions a 2-layer encoder let colour and size swamp the position words (position stayed
+    at chance) where depth 0 learned position within 1,000 steps."""
 
     vocabulary: tuple[str, ...] = SHAPES_VOCABULARY
     max_length: int = 24

@@ -7,9 +7,11 @@ zero-initialised output conv, so a fresh model predicts exactly 0.
 
 Conditioning (``forward(x, t, cond)``): t -> sinusoidal -> MLP gives ``emb``;
 ``cond["y"]`` adds a class embedding (label ``num_classes`` = null label);
-``cond["context"]`` is attended to by cross-attention at every attention location;
-``cond["concat"]`` is concatenated to x; ``cond["control"]`` adds residuals to the
-skips and the middle block (see :meth:`UNet.control_shapes`).
+``cond["context"]`` is attended to by cross-attention at every attention location
+(and, with ``pooled_context``, its masked mean is added to ``emb`` as well);
+``cond["concat"]`` is concatenated to x (and, with ``coordinate_channels``, two maps of the
+pixel coordinates); ``cond["control"]`` adds residuals to the skips and the middle block
+(see :meth:`UNet.control_shapes`).
 """
 
 from __future__ import annotations
@@ -82,13 +84,21 @@ class UNetConfig(BackboneConfig):
     Defaults give a ~6M-parameter CPU-friendly 32x32 model.
 
     out_channels: predicted data channels (default in_channels); learn_sigma doubles the
-    output channels.
+    output channels. pooled_context: also add the masked mean of the context tokens,
+    projected, to the time embedding (GLIDE, Imagen), so every res block sees the caption
+    through its scale/shift and not only the few cross-attention layers; small text models
+    learn global attributes such as colour far faster with it. coordinate_channels: concatenate
+    the x and y coordinate of every pixel (in [-1, 1]) to the input (CoordConv, Liu et al.
+    2018): convolutions are translation-equivariant, so without it absolute position ("at the
+    top left") must be inferred from the zero padding at the borders.
     """
 
     out_channels: int | None = None
     num_classes: int | None = None
     class_dropout_prob: float = 0.0
     context_dim: int | None = None
+    pooled_context: bool = False
+    coordinate_channels: bool = False
     concat_channels: int = 0
     learn_sigma: bool = False
 
@@ -100,6 +110,10 @@ class UNetConfig(BackboneConfig):
         check_optional_int("context_dim", self.context_dim, 1)
         check_int("concat_channels", self.concat_channels, 0)
         check_bool("learn_sigma", self.learn_sigma)
+        check_bool("pooled_context", self.pooled_context)
+        check_bool("coordinate_channels", self.coordinate_channels)
+        if self.pooled_context and self.context_dim is None:
+            raise ValueError("pooled_context needs context_dim (the width of the context tokens to pool)")
         if self.context_dim is not None and not (
             self.attention_resolutions or self.mid_attention
         ):
@@ -279,8 +293,10 @@ class UNet(ConfigModule):
             if cfg.num_classes is not None
             else None
         )
+        self.context_embed = nn.Linear(cfg.context_dim, embed_dim) if cfg.pooled_context else None
         blocks = block_factory(cfg, embed_dim, cfg.context_dim)
-        self.encoder = UNetEncoder(cfg, cfg.in_channels + cfg.concat_channels, blocks)
+        input_channels = cfg.in_channels + cfg.concat_channels + (2 if cfg.coordinate_channels else 0)
+        self.encoder = UNetEncoder(cfg, input_channels, blocks)
 
         attention_at = set(cfg.attention_resolutions)
         skip_channels = [c for c, _ in self.encoder.skip_specs]
@@ -355,6 +371,8 @@ class UNet(ConfigModule):
             context = require_cond(cond, "context", "UNet", f"context_dim={cfg.context_dim}")
             context_mask = cond.get("context_mask")
             check_context(context, context_mask, batch, cfg.context_dim)
+            if self.context_embed is not None:
+                emb = emb + self.context_embed(masked_mean(context, context_mask))
         h = x
         if cfg.concat_channels:
             extra = require_cond(cond, "concat", "UNet", f"concat_channels={cfg.concat_channels}")
@@ -363,6 +381,8 @@ class UNet(ConfigModule):
                 got = tuple(extra.shape) if isinstance(extra, torch.Tensor) else type(extra)
                 raise ValueError(f'cond["concat"] must have shape {expected}, got {got}')
             h = torch.cat([x, extra.to(x.dtype)], dim=1)
+        if cfg.coordinate_channels:
+            h = torch.cat([h, coordinate_maps(x)], dim=1)
 
         h, skips = self.encoder(h, emb, context, context_mask)
         if "control" in cond:
@@ -387,6 +407,24 @@ class UNet(ConfigModule):
                 got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
                 raise ValueError(f'cond["control"][{i}] must have shape {expected}, got {got}')
         return list(control)
+
+
+def coordinate_maps(x: torch.Tensor) -> torch.Tensor:
+    """(B, 2, H, W): each pixel centre's x (channel 0) and y (channel 1) in [-1, 1]."""
+    batch, _, height, width = x.shape
+    ys = torch.linspace(-1, 1, height, device=x.device, dtype=x.dtype)
+    xs = torch.linspace(-1, 1, width, device=x.device, dtype=x.dtype)
+    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([grid_x, grid_y]).expand(batch, 2, height, width)
+
+
+def masked_mean(context: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L, D) -> (B, D): the mean over real tokens (padding may hold anything; a row
+    without real tokens gives 0)."""
+    if mask is None:
+        return context.mean(dim=1)
+    kept = context.masked_fill(~mask[..., None], 0.0).sum(dim=1)
+    return kept / mask.sum(dim=1, keepdim=True).clamp(min=1).to(context.dtype)
 
 
 def check_context(context: Any, mask: Any, batch: int, context_dim: int) -> None:
