@@ -35,11 +35,10 @@ from pathlib import Path
 
 import torch
 
-from difflab.denoiser import thresholded
 from difflab.eval.metrics import classifier_outputs, digits_metrics
 from difflab.eval.report import digits_reference, sample_batched
 from difflab.eval.shapes import ShapesJudge
-from difflab.guidance import ClassifierGuidance, conditioned
+from difflab.guidance import ClassifierGuidance, as_saved, conditioned
 from difflab.train import load_decoder, load_pipeline
 from difflab.train.tasks import load_classifier
 
@@ -108,9 +107,7 @@ def classifier_guidance_section(args, n: int, labels: torch.Tensor, judge) -> di
                          f"{meta['schedule']}/{meta['T']}: t would mean different noise levels")  # fmt: skip
 
     def make(w):  # clipped outermost, as the model was meant to be sampled (its diffusion.json)
-        return thresholded(ClassifierGuidance(uncond, classifier, w, strip_labels=True), meta["thresholding"]), {
-            "y": labels
-        }
+        return as_saved(ClassifierGuidance(uncond, classifier, w, strip_labels=True), meta), {"y": labels}
 
     out = sweep("digits classifier guidance", make, judge, n, args)
     return {"model": str(args.uncond_model), "classifier": str(args.noisy_classifier), "scales": out}

@@ -317,6 +317,12 @@ def text_guidance(denoiser: Denoiser, scale: float, negative_prompt: str | None 
     return ClassifierFreeGuidance(denoiser, scale, null, negative)
 
 
+def as_saved(denoiser: Denoiser, meta: dict) -> Denoiser:
+    """`denoiser` (guided or not) thresholded as the model's diffusion.json says: its
+    "thresholding" kind and "thresholding_limit" (1 for pixels, +-3 for unit-variance latents)."""
+    return thresholded(denoiser, meta.get("thresholding", "none"), meta.get("thresholding_limit", 1.0))
+
+
 def conditioned(
     denoiser: Denoiser,
     meta: dict,
@@ -335,8 +341,6 @@ def conditioned(
     guided denoiser is then thresholded as the model's diffusion.json says ("thresholding"),
     outermost, so the guided x0 is what gets clipped."""
     scale = check_scale(scale)
-    thresholding = meta.get("thresholding", "none")
-    limit = meta.get("thresholding_limit", 1.0)
     kind = meta.get("conditioning") or ("class" if meta.get("num_classes") else None)
     if kind != "text" and (prompt is not None or negative_prompt is not None):
         raise ValueError("prompt/negative_prompt given, but the model is not text-conditional")
@@ -345,7 +349,7 @@ def conditioned(
     if kind is None:
         if scale != 0.0:
             raise ValueError("guidance scale given, but the model is unconditional")
-        return thresholded(denoiser, thresholding, limit), None
+        return as_saved(denoiser, meta), None
     if kind == "class":
         k = int(meta["num_classes"])
         if label is None:
@@ -354,11 +358,11 @@ def conditioned(
             labels = expand_entry("y", label if isinstance(label, int) else torch.as_tensor(label), n)
         if labels.min() < 0 or labels.max() >= k:
             raise ValueError(f"labels must lie in [0, {k - 1}], got {labels.unique().tolist()}")
-        return thresholded(class_guidance(denoiser, k, scale), thresholding, limit), {"y": labels.long()}
+        return as_saved(class_guidance(denoiser, k, scale), meta), {"y": labels.long()}
     if kind != "text":
         raise ValueError(f"unknown conditioning {kind!r} in the model's diffusion.json; allowed: class, text")
     if prompt is None:
         raise ValueError("the model is text-conditional: give a prompt")
     prompts = expand_entry("caption", [prompt] if isinstance(prompt, str) else list(prompt), n)
-    guided = thresholded(text_guidance(denoiser, scale, negative_prompt), thresholding, limit)
+    guided = as_saved(text_guidance(denoiser, scale, negative_prompt), meta)
     return guided, encode_prompts(denoiser, prompts)
