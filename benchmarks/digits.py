@@ -24,7 +24,7 @@ from difflab.data.images import save_grid
 from difflab.eval.metrics import nll_bpd
 from difflab.eval.report import evaluate_digits, format_metrics
 from difflab.guidance import conditioned
-from difflab.pretrained import resolve
+from difflab.pipelines import resolve
 from difflab.train import load_pipeline
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -39,6 +39,7 @@ from difflab.eval.metrics import classifier_outputs, digits_metrics
 from difflab.eval.report import digits_reference, sample_batched
 from difflab.eval.shapes import ShapesJudge
 from difflab.guidance import ClassifierGuidance, as_saved, conditioned
+from difflab.schedules import Schedule
 from difflab.train import load_decoder, load_pipeline
 from difflab.train.tasks import load_classifier
 
@@ -102,9 +103,10 @@ def digits_section(args, n: int) -> dict:
 def classifier_guidance_section(args, n: int, labels: torch.Tensor, judge) -> dict:
     uncond, meta = load_pipeline(args.uncond_model)
     classifier, cmeta = load_classifier(args.noisy_classifier)
-    if (cmeta["schedule"], cmeta["T"]) != (meta["schedule"], meta["T"]):
-        raise ValueError(f"the classifier was trained on {cmeta['schedule']}/{cmeta['T']}, the model on "
-                         f"{meta['schedule']}/{meta['T']}: t would mean different noise levels")  # fmt: skip
+    trained_on = Schedule.make(cmeta["schedule"], cmeta["T"], zero_terminal_snr=cmeta["zero_terminal_snr"])
+    if trained_on.to_config() != meta["schedule"]:
+        raise ValueError(f"the classifier was trained on {trained_on.to_config()}, the model on {meta['schedule']}: "
+                         "t would mean different noise levels")  # fmt: skip
 
     def make(w):  # clipped outermost, as the model was meant to be sampled (its diffusion.json)
         return as_saved(ClassifierGuidance(uncond, classifier, w, strip_labels=True), meta), {"y": labels}

@@ -81,3 +81,60 @@ def test_bad_recipe_keys_fail_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
     assert main(["sample", str(tmp_path / "missing")]) == 2
     assert "shipped" in capsys.readouterr().err
+
+
+def test_out_of_range_sampling_values_are_refused_not_replaced(tmp_path, capsys):
+    import pytest
+
+    for flag, value, words in [
+        ("--steps", "0", "argument --steps: must be an integer >= 1, got '0'"),
+        ("--steps", "-3", "argument --steps: must be an integer >= 1, got '-3'"),
+        ("--n", "0", "argument --n: must be an integer >= 1, got '0'"),
+        ("--seed", "-1", "argument --seed: must be an integer >= 0, got '-1'"),
+        ("--guidance", "nan", "argument --guidance: must be a finite number, got 'nan'"),
+        ("--eta", "inf", "argument --eta: must be a finite number, got 'inf'"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            main(["sample", "digits-ddpm", flag, value, "--out", str(tmp_path / "o")])
+        assert stop.value.code == 2
+        assert words in capsys.readouterr().err
+    assert main(["sample", "digits-ddpm", "--steps", "1001", "--out", str(tmp_path / "o")]) == 2
+    assert "steps must be an integer in [1, 1000]" in capsys.readouterr().err
+    assert main(["sample", "digits-ddpm", "--sampler", "plms", "--out", str(tmp_path / "o")]) == 2
+    assert "unknown sampler 'plms'" in capsys.readouterr().err
+    assert main(["sample", "digits-ddpm", "--device", "cuda:7", "--out", str(tmp_path / "o")]) == 2
+    assert "cuda:7" in capsys.readouterr().err
+    assert main(["sample", "digits-ddpm", "--label", "3", "--out", str(tmp_path / "o")]) == 2
+    assert "label given, but the model is not class-conditional" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "samples.png").exists()
+
+
+def test_an_unusable_output_folder_is_refused_before_sampling(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    assert main(["sample", "digits-ddpm", "--n", "1", "--steps", "1", "--out", str(blocker)]) == 2
+    assert f"--out {blocker} is a file" in capsys.readouterr().err
+    assert main(["sample", "digits-ddpm", "--n", "1", "--steps", "1", "--out", str(blocker / "sub")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_sample_writes_an_enlarged_grid_and_one_png_per_sample(tmp_path, capsys):
+    from PIL import Image
+
+    out = tmp_path / "s"
+    assert main(["sample", "digits-ddpm", "--n", "3", "--steps", "2", "--save-each", "--out", str(out)]) == 0
+    grid = Image.open(out / "samples.png")
+    assert grid.width >= 2 * 96  # two columns of at least 96 px: 16 px digits are enlarged
+    each = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in each] == ["00000.png", "00001.png", "00002.png"]
+    assert Image.open(each[0]).size == (16, 16)  # native size, for FID tools
+    assert "3 PNGs" in capsys.readouterr().out
+
+
+def test_models_lists_every_shipped_model(capsys):
+    from difflab.pipelines import shipped_models
+
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in shipped_models():
+        assert name in out

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from difflab.data import get_dataset
 from difflab.data.shape_scenes import ATTRIBUTES, parse_caption
 from difflab.eval.shapes import ShapesJudge
-from difflab.train.tasks import AttributeClassifier
+from difflab.nets import AttributeClassifier
 
 
 def test_judge_scores_match_the_heads_and_pool_large_images():

@@ -312,7 +312,7 @@ def test_missing_context_mask_means_all_tokens_are_real():
     )
 
 
-def test_null_class_label_and_class_dropout():
+def test_null_class_label_and_no_label_dropout_inside_the_network():
     net = make_unet(num_classes=4)
     perturb_zero_params_(net)
     x = torch.randn(2, 3, 8, 8)
@@ -321,12 +321,15 @@ def test_null_class_label_and_class_dropout():
     out_real = net(x, 5, {"y": torch.tensor([0, 3])})
     assert torch.isfinite(out_null).all()
     assert not torch.allclose(out_null, out_real)
+    # class_dropout_prob is the training task's rate (difflab.train.tasks.conditions): the
+    # network sees the labels it is given, in training mode too, even at rate 1
     dropping = make_unet(num_classes=4, class_dropout_prob=1.0)
     dropping.load_state_dict(net.state_dict())
     dropping.train()
-    torch.testing.assert_close(dropping(x, 5, {"y": torch.tensor([0, 3])}), out_null)
-    dropping.eval()  # no label dropout at inference
-    torch.testing.assert_close(dropping(x, 5, {"y": torch.tensor([0, 3])}), out_real)
+    torch.testing.assert_close(dropping(x, 5, {"y": torch.tensor([0, 3])}), out_real, rtol=0, atol=0)
+    torch.testing.assert_close(dropping(x, 5, {"y": null}), out_null, rtol=0, atol=0)
+    dropping.eval()
+    torch.testing.assert_close(dropping(x, 5, {"y": torch.tensor([0, 3])}), out_real, rtol=0, atol=0)
 
 
 def test_concat_channels_are_used():

@@ -1,4 +1,5 @@
 import math
+import re
 
 import pytest
 import torch
@@ -131,3 +132,63 @@ def test_bad_construction_arguments():
         Schedule.make("linear", T=10).respace([3, 10])
     with pytest.raises(ValueError, match=r"\[-1, 9\]"):
         Schedule.make("linear", T=10).alpha_bar_at(torch.tensor(12))
+
+
+# ---------------------------------------------------------------- config round trips
+def _every_kind_of_schedule():
+    base = Schedule.make("cosine", T=50)
+    return {
+        "linear": Schedule.make("linear", T=20),
+        "cosine-s": Schedule.make("cosine", T=30, s=0.02),
+        "scaled_linear": Schedule.make("scaled_linear", T=25),
+        "sigmoid": Schedule.make("sigmoid", T=10, start=-3.0),
+        "ztsnr": Schedule.make("linear", T=40, zero_terminal_snr=True),
+        "betas": Schedule(torch.linspace(1e-3, 0.3, 12, dtype=torch.float64) ** 1.5 + 1e-9, name="mine"),
+        "sigmas": Schedule.from_sigmas(geometric_sigmas(0.01, 30.0, 15)),
+        "ve-karras": Schedule.ve(0.002, 80.0, 18, spacing="karras", rho=5.0),
+        "ve-geometric": Schedule.ve(0.01, 50.0, 20),
+        "respaced": base.respace([0, 7, 19, 33, 49]),
+        "respaced twice": base.respace(range(0, 50, 2)).respace([0, 3, 10, 24]),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_every_kind_of_schedule()))
+def test_schedule_config_round_trips_exactly_through_json(kind):
+    import json
+
+    schedule = _every_kind_of_schedule()[kind]
+    config = json.loads(json.dumps(schedule.to_config()))  # what a manifest stores
+    again = Schedule.from_config(config)
+    assert torch.equal(again.betas, schedule.betas)  # bit for bit, not approximately
+    assert torch.equal(again.timesteps, schedule.timesteps)
+    assert again.name == schedule.name and again.to_config() == config
+
+
+def test_schedule_config_changes_with_what_it_describes():
+    # a config that ignored its arguments would round-trip trivially: these must differ
+    a, b = Schedule.make("cosine", T=30), Schedule.make("cosine", T=30, s=0.02)
+    assert not torch.equal(Schedule.from_config(a.to_config()).betas, Schedule.from_config(b.to_config()).betas)
+    r = Schedule.make("linear", T=20).respace([0, 5, 19])
+    assert Schedule.from_config(r.to_config()).timesteps.tolist() == [0, 5, 19]
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        ({"name": "cosine"}, "kind"),
+        ({"kind": "bogus"}, "unknown schedule kind 'bogus'"),
+        ({"kind": "named", "name": "cosine", "T": 10, "colour": 1}, "unknown ['colour']"),
+        ({"kind": "respaced", "timesteps": [0, 1]}, "missing ['base']"),
+        ({"kind": "named", "name": "warp"}, "unknown schedule 'warp'"),
+        ({"kind": "ve", "spacing": "linear"}, "'geometric' or 'karras'"),
+        ({"kind": "sigmas", "sigmas": [1.0, 0.5]}, "strictly increasing"),
+    ],
+)
+def test_bad_schedule_configs_are_refused_by_name(config, words):
+    with pytest.raises(ValueError, match=re.escape(words)):
+        Schedule.from_config(config)
+
+
+def test_a_named_schedule_refuses_options_of_another():
+    with pytest.raises(ValueError, match=r"schedule 'linear' takes no option\(s\) \['s'\]"):
+        Schedule.from_config({"kind": "named", "name": "linear", "T": 10, "s": 0.02})

@@ -38,7 +38,7 @@ def test_a_run_writes_logs_pictures_checkpoints_and_the_model(tmp_path):
     assert [p.name for p in list_checkpoints(run_dir)] == ["ckpt-4"]
 
     denoiser, meta = load_pipeline(run_dir)
-    assert meta["sample_shape"] == [1, 8, 8] and meta["T"] == 100 and meta["num_classes"] is None
+    assert meta["sample_shape"] == [1, 8, 8] and meta["schedule"]["T"] == 100 and meta["num_classes"] is None
     ema = load_checkpoint(latest_checkpoint(run_dir))["ema"]["weights"]
     assert_identical(dict(denoiser.net.state_dict()), ema)  # the export holds the EMA weights
     x = sample(denoiser, (2, 1, 8, 8), "ddim", steps=3, progress=False, generator=torch.Generator().manual_seed(0))

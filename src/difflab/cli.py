@@ -1,11 +1,14 @@
-"""The `difflab` command: train | sample | eval | demo | schedules."""
+"""The `difflab` command: train | sample | eval | demo | models | schedules."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+
+import torch
 
 from difflab import __version__
 
@@ -53,92 +56,109 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load(model: str):
-    from difflab.pretrained import resolve
-    from difflab.train import load_pipeline
+def _pipeline(args: argparse.Namespace, model: str | Path | None = None):
+    from difflab.pipelines import Pipeline
 
-    return load_pipeline(resolve(model))
-
-
-def _decoder(model: str):
-    """The latent pipeline's decoder, None for pixel models."""
-    from difflab.pretrained import resolve
-    from difflab.train import load_decoder
-
-    return load_decoder(resolve(model))
+    return Pipeline.from_pretrained(model or args.model, device=args.device, dtype=args.dtype)
 
 
-def _sampling_settings(args: argparse.Namespace, meta: dict) -> dict:
-    defaults = meta.get("sample", {})
+def _output_dir(path: str | Path) -> Path:
+    """The output folder, created and checked writable before any sampling."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; give a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".difflab-write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"--out {out} is not writable: {e.strerror or e}") from None
+    return out
+
+
+def _call_options(args: argparse.Namespace) -> dict:
+    """`Pipeline.generate`'s options from the sampling flags (None: the model's default)."""
     return {
-        "sampler": args.sampler or defaults.get("sampler", "ddim"),
-        "steps": args.steps or defaults.get("steps", 50),
-        "eta": args.eta if args.eta is not None else defaults.get("eta", 0.0),
+        "steps": args.steps,
+        "sampler": args.sampler,
+        "spacing": args.spacing,
+        "eta": args.eta,
+        "guidance": args.guidance,
+        "guidance_scale": args.guidance_scale,
+        "label": args.label,
+        "prompt": getattr(args, "prompt", None),
+        "negative_prompt": getattr(args, "negative_prompt", None),
     }
 
 
-def _conditioned(args: argparse.Namespace):
-    """The loaded model wrapped for its condition (class label or prompt) and guidance, the
-    condition for `args.n` samples, and the sampler settings."""
-    from difflab.guidance import conditioned
+def _grid_labels(pipe, n: int, label: int | None, prompts: list[str] | None) -> list[str] | None:
+    """What to write under each image: its class or its caption."""
+    if pipe.conditioning == "class":
+        from difflab.guidance import class_labels
 
-    denoiser, meta = _load(args.model)
-    scale = args.guidance if args.guidance is not None else meta.get("sample", {}).get("guidance", 0.0)
-    denoiser, cond = conditioned(
-        denoiser,
-        meta,
-        args.n,
-        scale=scale,
-        label=args.label,
-        prompt=getattr(args, "prompt", None),
-        negative_prompt=getattr(args, "negative_prompt", None),
-    )
-    return denoiser, cond, _sampling_settings(args, meta), meta
+        return [str(int(y)) for y in class_labels(n, pipe.manifest["num_classes"], label)]
+    if pipe.conditioning == "text" and prompts:
+        return [prompts[i % len(prompts)] for i in range(n)]
+    return None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from difflab.data.images import to_uint8_images
-    from difflab.eval.report import sample_batched
-    from difflab.viz import save_samples
+    from difflab.data.images import save_grid, to_uint8_images
+    from difflab.viz import save_labelled_grid, save_samples
 
-    denoiser, cond, settings, _ = _conditioned(args)
-    decode = _decoder(args.model)
-    x = sample_batched(denoiser, args.n, seed=args.seed, cond=cond, progress=True, decode=decode, **settings)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_samples(x, out / "samples.png")
+    out = _output_dir(args.out)
+    pipe = _pipeline(args)
+    prompts = None
+    if args.prompt is not None:  # one prompt per --prompt, cycled over the samples
+        prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
+    options = {**_call_options(args), "prompt": prompts}
+    started = time.perf_counter()
+    x = pipe.generate(args.n, seed=args.seed, batch_size=args.batch_size, progress=True, **options)
+    seconds = time.perf_counter() - started
     arrays = {"samples": x.numpy()}
     if x.ndim == 4:
+        labels = _grid_labels(pipe, args.n, args.label, prompts)
+        save_labelled_grid(x, out / "samples.png", labels, nrow=args.nrow)
         arrays["images_uint8"] = to_uint8_images(x).numpy()
-    if cond is not None and "y" in cond:
-        arrays["labels"] = cond["y"].numpy()
-    if args.prompt is not None:
-        arrays["prompt"] = np.array(args.prompt)
+        if labels is not None:
+            arrays["labels" if pipe.conditioning == "class" else "prompts"] = np.array(labels)
+        if args.save_each:
+            for i, image in enumerate(x):
+                save_grid(image, out / "images" / f"{i:05d}.png", padding=0)
+    else:
+        save_samples(x, out / "samples.png")
     np.savez_compressed(out / "samples.npz", **arrays)
-    print(f"wrote {out / 'samples.png'} and {out / 'samples.npz'} ({args.n} samples, {settings})")
+    each = f" and {args.n} PNGs in {out / 'images'}" if args.save_each and x.ndim == 4 else ""
+    settings = pipe.settings(args.sampler, args.steps, args.spacing, args.eta)
+    print(f"wrote {out / 'samples.png'}, {out / 'samples.npz'}{each} ({args.n} samples in {seconds:.1f} s, {settings})")
     return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from difflab.eval.report import evaluate_digits, format_metrics
 
-    denoiser, cond, settings, meta = _conditioned(args)
-    data = meta.get("data", {}).get("name", "unknown data")
+    pipe = _pipeline(args)
+    data = pipe.manifest.get("data", {}).get("name", "unknown data")
     if data != "digits":
         raise ValueError(f"difflab eval measures digits models; {args.model} was trained on {data}")
-    if args.nll and meta.get("latent") is not None:  # refused before any sampling
+    if args.nll and pipe.manifest.get("latent") is not None:  # refused before any sampling
         raise ValueError("--nll bounds the likelihood of pixels; a latent model's bound is on latents, not images")
+    if args.out:
+        _output_dir(Path(args.out).parent)
+    denoiser, cond = pipe.condition(args.n, args.guidance, args.label, guidance_scale=args.guidance_scale)
+    settings = pipe.settings(args.sampler, args.steps, args.spacing, args.eta)
     metrics, _ = evaluate_digits(
-        denoiser, n=args.n, seed=args.seed, cond=cond, progress=True, decode=_decoder(args.model), **settings
+        denoiser, n=args.n, seed=args.seed, cond=cond, progress=True, decode=pipe.decoder, **settings
     )
     if args.nll:
         from difflab.data.digits import DigitsDataset
         from difflab.eval.metrics import nll_bpd
 
-        test = DigitsDataset("test", size=denoiser.sample_shape[-1]).images
-        metrics["nll_bits_per_dim"] = nll_bpd(denoiser, test, batch_size=300, progress=True)
+        test = DigitsDataset("test", size=pipe.manifest["sample_shape"][-1]).images
+        metrics["nll_bits_per_dim"] = nll_bpd(pipe.denoiser, test, batch_size=300, progress=True)
     print(format_metrics(metrics))
     if "nll_bits_per_dim" in metrics:
         print(f"NLL bound on the test digits: {metrics['nll_bits_per_dim']:.3f} bits/dim")
@@ -148,39 +168,134 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_PROMPTS = (
+    "a big red circle at the middle centre",
+    "a small blue square at the top left",
+    "a big green triangle at the bottom right",
+    "a small yellow circle at the top right",
+    "a big magenta square at the bottom left",
+    "a small cyan triangle at the middle centre",
+    "a big blue circle at the top centre",
+    "a small red square at the bottom centre",
+)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    """Sample from the shipped digits model and measure the samples; `--train` retrains it
-    first from the recipe that made it."""
+    """Sample from the shipped models and measure what can be measured: the unconditional
+    digits model's metrics, the class-guided digits' accuracy, the text-guided shapes grid.
+    `--train` retrains the unconditional model first from the recipe that made it."""
     from difflab.data.images import save_grid
     from difflab.eval.report import evaluate_digits, format_metrics
-    from difflab.guidance import conditioned
-    from difflab.pretrained import ROOT
+    from difflab.pipelines import shipped_models
+    from difflab.viz import save_labelled_grid
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    model = ROOT / DEMO_MODEL
+    out = _output_dir(args.out)
+    shipped = shipped_models()
+    model = shipped[DEMO_MODEL]
     if args.train:
         from difflab.train import load_config, run
 
         run_dir = out / "run"
         run(load_config(model / "recipe.toml", args.set), run_dir)
         model = run_dir
-    denoiser, meta = _load(str(model))
-    denoiser, _ = conditioned(denoiser, meta, args.n)
+    pipe = _pipeline(args, model)
+    denoiser, _ = pipe.condition(args.n)
     metrics, samples = evaluate_digits(denoiser, "ddim", 50, n=args.n, seed=args.seed, progress=True)
     save_grid(samples[:100], out / "samples.png", nrow=10)
     recorded = model / "metrics.json"
     if recorded.is_file() and not args.train:
         metrics["recorded"] = json.loads(recorded.read_text())
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-    print(format_metrics(metrics))
+    print(f"[{DEMO_MODEL}] unconditional digits:")
+    print("  " + format_metrics(metrics))
     if "recorded" in metrics and "nll_bits_per_dim" in metrics["recorded"]:
-        print(
-            f"NLL bound on the test digits (recorded by benchmarks/digits.py): "
-            f"{metrics['recorded']['nll_bits_per_dim']:.3f} bits/dim"
-        )
-    print(f"wrote {out / 'samples.png'} and {out / 'metrics.json'}")
+        print(f"  NLL bound on the test digits (recorded by benchmarks/digits.py): "
+              f"{metrics['recorded']['nll_bits_per_dim']:.3f} bits/dim")  # fmt: skip
+    wrote = [out / "samples.png"]
+    if "digits-cfg" in shipped:
+        metrics["class_guided"] = _demo_class_guided(args, shipped["digits-cfg"], out / "class-guided.png")
+        wrote.append(out / "class-guided.png")
+    if "shapes-text" in shipped:
+        cfg = _pipeline(args, shipped["shapes-text"])
+        started = time.perf_counter()
+        prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(2 * len(DEMO_PROMPTS))]
+        x = cfg.generate(len(prompts), steps=25, prompt=prompts, seed=args.seed, progress=True)
+        seconds = time.perf_counter() - started
+        save_labelled_grid(x, out / "text-guided.png", prompts, nrow=len(DEMO_PROMPTS))
+        metrics["text_guided"] = {"n": len(prompts), "steps": 25, "seconds": seconds}
+        print(f"[shapes-text] {len(prompts)} text-guided shapes (DDIM-25, w = {cfg.manifest['sample']['guidance']}) "
+              f"in {seconds:.1f} s")  # fmt: skip
+        wrote.append(out / "text-guided.png")
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    print(f"wrote {', '.join(map(str, wrote))} and {out / 'metrics.json'}")
     return 0
+
+
+def _demo_class_guided(args: argparse.Namespace, model: Path, path: Path) -> dict:
+    """100 class-guided digits (ten of each class, DDIM-25) and how many the shipped digits
+    classifier reads as the class asked for."""
+    from difflab.eval.digits_classifier import load_digits_classifier
+    from difflab.guidance import class_labels
+    from difflab.viz import save_labelled_grid
+
+    pipe = _pipeline(args, model)
+    n, started = 100, time.perf_counter()
+    labels = class_labels(n, pipe.manifest["num_classes"])
+    x = pipe.generate(n, steps=25, seed=args.seed, progress=True)
+    seconds = time.perf_counter() - started
+    classifier = load_digits_classifier(x.shape[-1])
+    with torch.no_grad():
+        accuracy = (classifier(x).argmax(1) == labels).float().mean().item()
+    save_labelled_grid(x, path, [str(int(y)) for y in labels], nrow=10, min_size=32)
+    w = pipe.manifest["sample"]["guidance"]
+    print(f"[digits-cfg] {n} class-guided digits (DDIM-25, w = {w}) in {seconds:.1f} s: "
+          f"{accuracy * 100:.0f}% read as the class asked for")  # fmt: skip
+    return {"n": n, "steps": 25, "guidance": w, "accuracy": accuracy, "seconds": seconds}
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    """The shipped models: name, what conditions them, sample shape, size and recipe."""
+    from difflab.pipelines import read_manifest, shipped_models
+
+    print(f"{'model':<16}{'conditioning':<14}{'sample shape':<14}{'prediction':<12}{'default sampling':<26}size")
+    for name, folder in shipped_models().items():
+        m = read_manifest(folder)
+        size = sum(f.stat().st_size for f in folder.rglob("*.safetensors")) / 2**20
+        s = m["sample"]
+        default = f"{s['sampler']}-{s['steps']}" + (f", w = {s['guidance']}" if m.get("conditioning") else "")
+        print(f"{name:<16}{m.get('conditioning') or 'none':<14}{'x'.join(map(str, m['sample_shape'])):<14}"
+              f"{m['prediction']:<12}{default:<26}{size:.1f} MB")  # fmt: skip
+    return 0
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (never silently replaced by a default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -195,20 +310,36 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", metavar="RUN", help="run folder (default runs/<recipe name>)")
     t.set_defaults(func=cmd_train)
 
-    def sampling_args(c: argparse.ArgumentParser, n: int) -> None:
-        c.add_argument("model", help="run folder, model folder or shipped model name (e.g. digits-ddpm)")
-        c.add_argument("--label", type=int, help="class label for class-conditional models (default: cycle)")
-        c.add_argument("--guidance", type=float, help="classifier-free guidance weight w (0 = none)")
-        c.add_argument("--sampler", help="ddpm, ddim, euler, heun, dpmpp_2m, langevin, pc (default: the model's)")
-        c.add_argument("--steps", type=int, help="sampler steps (default: the model's)")
-        c.add_argument("--eta", type=float, help="DDIM eta")
-        c.add_argument("--n", type=int, default=n, help="number of samples")
-        c.add_argument("--seed", type=int, default=0)
+    def device_args(c: argparse.ArgumentParser) -> None:
+        c.add_argument("--device", default="auto", help="auto (CUDA where present), cpu, cuda or cuda:N")
+        c.add_argument("--dtype", default=None, help="network precision: float32 (default), bf16 or fp16")
 
-    s = sub.add_parser("sample", help="sample from a model: grid PNG + .npz")
+    def sampling_args(c: argparse.ArgumentParser, n: int) -> None:
+        from difflab.samplers import SAMPLER_ALIASES, SAMPLERS, SPACINGS
+
+        c.add_argument("model", help="run folder, model folder or shipped model name (`difflab models`)")
+        c.add_argument("--label", type=non_negative_int, help="class-conditional models: the class (default: cycle)")
+        c.add_argument("--guidance", type=finite_float,
+                       help="classifier-free guidance weight w (0 = the plain conditional model; default: the model's)")
+        c.add_argument("--guidance-scale", type=finite_float,
+                       help="the same as diffusers' guidance_scale, which is w + 1 (give this or --guidance)")
+        c.add_argument("--sampler", help=f"{', '.join(SAMPLERS)}; aliases {', '.join(SAMPLER_ALIASES)} "
+                                         "(default: the model's)")  # fmt: skip
+        c.add_argument("--steps", type=positive_int, help="sampler steps, 1 to the model's T (default: the model's)")
+        c.add_argument("--spacing", help=f"timestep spacing: {', '.join(SPACINGS)}, 'ddimS' or '10,15,20'")
+        c.add_argument("--eta", type=finite_float, help="DDIM eta (0 = deterministic)")
+        c.add_argument("--n", type=positive_int, default=n, help="number of samples")
+        c.add_argument("--seed", type=non_negative_int, default=0)
+        c.add_argument("--batch-size", type=positive_int, default=256, help="samples per network batch")
+        device_args(c)
+
+    s = sub.add_parser("sample", help="sample from a model: labelled grid PNG + .npz")
     sampling_args(s, 64)
-    s.add_argument("--prompt", help='caption for text-conditional models, e.g. "a small red circle at the top left"')
+    s.add_argument("--prompt", action="append", help='text-conditional models: a caption, e.g. "a small red circle '
+                                                     'at the top left"; repeat for several (cycled over the samples)')
     s.add_argument("--negative-prompt", help="text-conditional models: steer away from this caption (with --guidance)")
+    s.add_argument("--nrow", type=positive_int, help="images per grid row (default: square)")
+    s.add_argument("--save-each", action="store_true", help="also one PNG per sample in OUT/images/ (for FID tools)")
     s.add_argument("--out", default="out/samples")
     s.set_defaults(func=cmd_sample)
 
@@ -218,13 +349,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="write the metrics as JSON here")
     e.set_defaults(func=cmd_eval)
 
-    d = sub.add_parser("demo", help="the main job: sample from the shipped model and report its metrics")
+    d = sub.add_parser("demo", help="the main job: sample from the shipped models and report their metrics")
     d.add_argument("--out", default="out/demo")
-    d.add_argument("--n", type=int, default=200, help="samples to measure")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--train", action="store_true", help="retrain the shipped model from its recipe first")
+    d.add_argument("--n", type=positive_int, default=200, help="unconditional digits to measure")
+    d.add_argument("--seed", type=non_negative_int, default=0)
+    d.add_argument("--train", action="store_true", help="retrain the shipped unconditional model from its recipe first")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="with --train")
+    device_args(d)
     d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list the shipped models")
+    m.set_defaults(func=cmd_models)
 
     c = sub.add_parser("schedules", help="print the noise schedules and plot alpha_bar and log-SNR (PNG)")
     c.add_argument("--T", type=int, default=1000)
@@ -244,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: a clear message, not a traceback
         print(f"difflab {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a full disk, a permission: one line, not a traceback
+        print(f"difflab {args.command}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -70,7 +70,9 @@ class NetworkDenoiser(Denoiser):
         self.sample_shape = tuple(sample_shape) if sample_shape is not None else None
 
     def predict(self, x_t: Tensor, t: Tensor, cond: dict | None) -> Prediction:
-        out = self.net(x_t, t.to(torch.float32), cond)
+        # a half-precision network runs in its dtype; the sampler's arithmetic stays in x_t's
+        net_dtype = network_dtype(self.net)
+        out = self.net(x_t.to(net_dtype), t.to(torch.float32), cond).to(x_t.dtype)
         var_frac = None
         if self.variance == "learned":
             if out.shape[1] != 2 * x_t.shape[1]:
@@ -81,6 +83,58 @@ class NetworkDenoiser(Denoiser):
             var_frac = (v + 1.0) / 2.0
         alpha_bar = self.schedule.alpha_bar_at(t).to(x_t.device)
         return Prediction.from_output(self.prediction, out, x_t, alpha_bar, var_frac=var_frac)
+
+
+def network_dtype(net: nn.Module) -> torch.dtype:
+    """The dtype of a network's (first floating) parameters; float32 for parameter-free ones."""
+    for p in net.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32
+
+
+# Denoiser factories keyed by the parameterisation a network was trained with: eps, x0 and v
+# all go through `Prediction.from_output`; a method with its own output scaling (e.g. the
+# boundary-conditioned parameterisation of consistency models) registers its factory here.
+DENOISER_FACTORIES: dict[str, type[Denoiser]] = {"eps": NetworkDenoiser, "x0": NetworkDenoiser, "v": NetworkDenoiser}
+
+
+# parameterisations whose factory lives with its method: imported (and so registered) on first use
+FACTORY_MODULES = {"consistency": "difflab.methods.consistency"}
+
+
+def parameterizations() -> tuple[str, ...]:
+    return (*DENOISER_FACTORIES, *(k for k in FACTORY_MODULES if k not in DENOISER_FACTORIES))
+
+
+def build_denoiser(
+    net: nn.Module,
+    schedule: Schedule,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    sample_shape: tuple[int, ...] | None = None,
+    **options,
+) -> Denoiser:
+    """The denoiser of `net` for its parameterisation (a key of `DENOISER_FACTORIES`)."""
+    if prediction not in DENOISER_FACTORIES and prediction in FACTORY_MODULES:
+        import importlib
+
+        importlib.import_module(FACTORY_MODULES[prediction])
+    if prediction not in DENOISER_FACTORIES:
+        raise ValueError(f"unknown parameterisation {prediction!r}; allowed: {', '.join(parameterizations())}")
+    return DENOISER_FACTORIES[prediction](net, schedule, prediction, variance, sample_shape, **options)
+
+
+def device_of(denoiser: Denoiser) -> torch.device:
+    """Where a denoiser's network lives (through any wrappers); CPU for network-free ones, so
+    conditions built for it (labels, encoded prompts) can be put on the same device."""
+    while isinstance(denoiser, DenoiserWrapper):
+        denoiser = denoiser.inner
+    net = getattr(denoiser, "net", None)
+    if isinstance(net, nn.Module):
+        for p in net.parameters():
+            return p.device
+    return torch.device("cpu")
 
 
 class MixtureDenoiser(Denoiser):

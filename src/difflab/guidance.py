@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from difflab.denoiser import Denoiser, DenoiserWrapper, thresholded
+from difflab.denoiser import Denoiser, DenoiserWrapper, device_of, thresholded
 from difflab.process import Prediction, check_variance_type, model_log_variance
 from difflab.schedules import broadcast
 
@@ -323,6 +323,17 @@ def as_saved(denoiser: Denoiser, meta: dict) -> Denoiser:
     return thresholded(denoiser, meta.get("thresholding", "none"), meta.get("thresholding_limit", 1.0))
 
 
+def class_labels(n: int, num_classes: int, label: int | Sequence[int] | None = None) -> Tensor:
+    """The (n,) labels of a class-conditional draw: `label` (one for all, or one per sample),
+    by default the classes in turn (0, 1, ..., k-1, 0, ...)."""
+    if label is None:
+        return torch.arange(n) % num_classes
+    labels = expand_entry("y", label if isinstance(label, int) else torch.as_tensor(label), n).long()
+    if labels.min() < 0 or labels.max() >= num_classes:
+        raise ValueError(f"labels must lie in [0, {num_classes - 1}], got {labels.unique().tolist()}")
+    return labels
+
+
 def conditioned(
     denoiser: Denoiser,
     meta: dict,
@@ -339,7 +350,8 @@ def conditioned(
     classes); text-conditional ones (meta "conditioning" = "text") take `prompt` (one string for
     all, or one per sample). `scale` is the CFG weight w (0 = the plain conditional model). The
     guided denoiser is then thresholded as the model's diffusion.json says ("thresholding"),
-    outermost, so the guided x0 is what gets clipped."""
+    outermost, so the guided x0 is what gets clipped. The condition is put on the network's
+    device (labels here, encoded prompts by the text encoder)."""
     scale = check_scale(scale)
     kind = meta.get("conditioning") or ("class" if meta.get("num_classes") else None)
     if kind != "text" and (prompt is not None or negative_prompt is not None):
@@ -352,13 +364,8 @@ def conditioned(
         return as_saved(denoiser, meta), None
     if kind == "class":
         k = int(meta["num_classes"])
-        if label is None:
-            labels = torch.arange(n) % k
-        else:
-            labels = expand_entry("y", label if isinstance(label, int) else torch.as_tensor(label), n)
-        if labels.min() < 0 or labels.max() >= k:
-            raise ValueError(f"labels must lie in [0, {k - 1}], got {labels.unique().tolist()}")
-        return as_saved(class_guidance(denoiser, k, scale), meta), {"y": labels.long()}
+        labels = class_labels(n, k, label)
+        return as_saved(class_guidance(denoiser, k, scale), meta), {"y": labels.long().to(device_of(denoiser))}
     if kind != "text":
         raise ValueError(f"unknown conditioning {kind!r} in the model's diffusion.json; allowed: class, text")
     if prompt is None:

@@ -9,6 +9,8 @@ are float64.
 
 from __future__ import annotations
 
+import copy
+import inspect
 import math
 from collections.abc import Sequence
 
@@ -16,6 +18,14 @@ import torch
 from torch import Tensor
 
 SCHEDULE_NAMES = ("linear", "cosine", "scaled_linear", "sigmoid")
+# schedule config kinds: (required keys, optional keys)
+_CONFIG_KINDS = {
+    "named": (("name",), ("T", "zero_terminal_snr", "s", "max_beta", "beta_start", "beta_end", "start", "end")),
+    "betas": (("betas",), ("name",)),
+    "sigmas": (("sigmas",), ("name",)),
+    "ve": ((), ("sigma_min", "sigma_max", "n", "spacing", "rho")),
+    "respaced": (("base", "timesteps"), ()),
+}
 
 
 def betas_from_alpha_bar(alpha_bar: Tensor) -> Tensor:
@@ -105,7 +115,14 @@ class Schedule:
     makes the shorter chain that visits only the kept steps.
     """
 
-    def __init__(self, betas: Tensor | Sequence[float], *, timesteps: Tensor | None = None, name: str = "custom"):
+    def __init__(
+        self,
+        betas: Tensor | Sequence[float],
+        *,
+        timesteps: Tensor | None = None,
+        name: str = "custom",
+        config: dict | None = None,
+    ):
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
         if betas.numel() < 1:
             raise ValueError("a schedule needs T >= 1 betas, got an empty sequence")
@@ -118,6 +135,8 @@ class Schedule:
                 f"beta[{i}] = {betas[i].item()!r}"
             )
         self.name = name
+        # how to rebuild this schedule (`to_config`); raw betas when no recipe made it
+        self._config = config if config is not None else {"kind": "betas", "betas": betas.tolist(), "name": name}
         self.betas = betas
         self.T = betas.numel()
         self.alphas = 1.0 - betas
@@ -140,6 +159,7 @@ class Schedule:
     # ---------------------------------------------------------------- construction
     @classmethod
     def make(cls, name: str = "linear", T: int = 1000, zero_terminal_snr: bool = False, **kwargs) -> Schedule:
+        """A named VP schedule; `kwargs` go to its maker (e.g. s for cosine, beta_start/beta_end)."""
         makers = {
             "linear": linear_betas,
             "cosine": cosine_betas,
@@ -148,18 +168,48 @@ class Schedule:
         }
         if name not in makers:
             raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULE_NAMES)}")
+        if not isinstance(zero_terminal_snr, bool):
+            raise ValueError(f"zero_terminal_snr must be true or false, got {zero_terminal_snr!r}")
+        allowed = [p for p in inspect.signature(makers[name]).parameters if p != "T"]
+        unknown = sorted(set(kwargs) - set(allowed))
+        if unknown:
+            raise ValueError(f"schedule {name!r} takes no option(s) {unknown}; it takes {', '.join(allowed)}")
         betas = makers[name](T, **kwargs)
         if zero_terminal_snr:
             betas = rescale_zero_terminal_snr(betas)
-        return cls(betas, name=name + ("+ztsnr" if zero_terminal_snr else ""))
+        config = {"kind": "named", "name": name, "T": T, "zero_terminal_snr": zero_terminal_snr, **kwargs}
+        return cls(betas, name=name + ("+ztsnr" if zero_terminal_snr else ""), config=config)
 
     @classmethod
-    def from_sigmas(cls, sigmas: Tensor, name: str = "ve") -> Schedule:
+    def from_sigmas(cls, sigmas: Tensor | Sequence[float], name: str = "ve") -> Schedule:
         """A VE noise ladder (increasing sigmas) as the equivalent VP schedule."""
-        sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
-        if (sigmas <= 0).any() or (sigmas.diff() <= 0).any():
-            raise ValueError("VE sigmas must be positive and strictly increasing")
-        return cls(betas_from_alpha_bar(1.0 / (1.0 + sigmas**2)), name=name)
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        if sigmas.numel() < 1 or (sigmas <= 0).any() or (sigmas.diff() <= 0).any() or not sigmas.isfinite().all():
+            raise ValueError("VE sigmas must be finite, positive and strictly increasing")
+        config = {"kind": "sigmas", "sigmas": sigmas.tolist(), "name": name}
+        return cls(betas_from_alpha_bar(1.0 / (1.0 + sigmas**2)), name=name, config=config)
+
+    @classmethod
+    def ve(
+        cls,
+        sigma_min: float = 0.01,
+        sigma_max: float = 50.0,
+        n: int = 1000,
+        spacing: str = "geometric",
+        rho: float = 7.0,
+    ) -> Schedule:
+        """A VE ladder of `n` levels: NCSN's geometric one or Karras et al.'s (`rho`)."""
+        if spacing == "geometric":
+            sigmas = geometric_sigmas(sigma_min, sigma_max, n)
+        elif spacing == "karras":
+            sigmas = karras_sigmas(sigma_min, sigma_max, n, rho)
+        else:
+            raise ValueError(f"VE spacing must be 'geometric' or 'karras', got {spacing!r}")
+        schedule = cls.from_sigmas(sigmas, name=f"ve-{spacing}")
+        schedule._config = {"kind": "ve", "sigma_min": sigma_min, "sigma_max": sigma_max, "n": n, "spacing": spacing}
+        if spacing == "karras":
+            schedule._config["rho"] = rho
+        return schedule
 
     def respace(self, timesteps: Sequence[int] | Tensor) -> Schedule:
         """The chain that jumps between the kept steps (indices into *this* schedule)."""
@@ -168,11 +218,43 @@ class Schedule:
             raise ValueError(f"respaced timesteps must be non-empty indices in [0, {self.T - 1}], got {ts.tolist()}")
         ts = ts.unique(sorted=True)
         return Schedule(
-            betas_from_alpha_bar(self.alpha_bar[ts]), timesteps=self.timesteps[ts], name=f"{self.name}[{ts.numel()}]"
+            betas_from_alpha_bar(self.alpha_bar[ts]),
+            timesteps=self.timesteps[ts],
+            name=f"{self.name}[{ts.numel()}]",
+            config={"kind": "respaced", "base": self.to_config(), "timesteps": ts.tolist()},
         )
 
+    # ---------------------------------------------------------------- config round trip
     def to_config(self) -> dict:
-        return {"name": self.name, "T": self.T}
+        """A JSON-ready dict from which `Schedule.from_config` rebuilds this schedule exactly."""
+        return copy.deepcopy(self._config)
+
+    @classmethod
+    def from_config(cls, config: dict) -> Schedule:
+        """Inverse of `to_config`. Kinds: named (make's arguments), betas, sigmas (a VE ladder),
+        ve (make a geometric or Karras ladder), respaced (a base config + kept indices)."""
+        if not isinstance(config, dict) or "kind" not in config:
+            kinds = ", ".join(_CONFIG_KINDS)
+            raise ValueError(f"a schedule config must be a dict with a 'kind' ({kinds}), got {config!r}")
+        kind, args = config["kind"], {k: v for k, v in config.items() if k != "kind"}
+        if kind not in _CONFIG_KINDS:
+            raise ValueError(f"unknown schedule kind {kind!r}; allowed: {', '.join(_CONFIG_KINDS)}")
+        required, optional = _CONFIG_KINDS[kind]
+        missing, unknown = set(required) - set(args), set(args) - set(required) - set(optional)
+        if missing or unknown:
+            raise ValueError(
+                f"schedule config of kind {kind!r}: missing {sorted(missing)}, unknown {sorted(unknown)}; it takes "
+                f"{', '.join(required)}" + (f" and optionally {', '.join(optional)}" if optional else "")
+            )
+        if kind == "named":
+            return cls.make(**args)
+        if kind == "betas":
+            return cls(args["betas"], name=args.get("name", "custom"))
+        if kind == "sigmas":
+            return cls.from_sigmas(args["sigmas"], name=args.get("name", "ve"))
+        if kind == "ve":
+            return cls.ve(**args)
+        return cls.from_config(args["base"]).respace(args["timesteps"])
 
     def __repr__(self) -> str:
         return f"Schedule({self.name!r}, T={self.T})"

@@ -67,3 +67,45 @@ def save_samples(x, path: str | Path) -> Path:
     from difflab.data.images import save_grid
 
     return save_grid(x, path, nrow=math.ceil(math.sqrt(x.shape[0])))
+
+
+def save_labelled_grid(
+    x, path: str | Path, labels: list[str] | None = None, nrow: int | None = None, min_size: int = 96
+) -> Path:
+    """A grid PNG people can read: each image (B, C, H, W) in [-1, 1] enlarged by an integer
+    factor (nearest neighbour, so pixels stay pixels) to at least `min_size`, with its label or
+    caption, wrapped, under it."""
+    import math
+    import textwrap
+
+    from PIL import Image, ImageDraw, ImageFont
+
+    from difflab.data.images import to_uint8_images
+
+    if x.ndim != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"save_labelled_grid expects (B, C, H, W) images with C in (1, 3), got {tuple(x.shape)}")
+    if labels is not None and len(labels) != x.shape[0]:
+        raise ValueError(f"got {len(labels)} labels for {x.shape[0]} images")
+    batch, _, height, width = x.shape
+    factor = max(1, math.ceil(min_size / max(height, width)))
+    cell_w, cell_h = width * factor, height * factor
+    font = ImageFont.load_default(size=11)
+    chars = max(8, cell_w // 6)  # about 6 px per character at this size
+    lines = [textwrap.wrap(str(label), chars)[:3] for label in labels] if labels is not None else [[]] * batch
+    text_h = 13 * max(len(ls) for ls in lines) + (4 if labels is not None else 0)
+    cols = nrow or math.ceil(math.sqrt(batch))
+    rows, pad = math.ceil(batch / cols), 4
+    sheet = Image.new("RGB", (cols * (cell_w + pad) + pad, rows * (cell_h + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(sheet)
+    pixels = to_uint8_images(x).permute(0, 2, 3, 1).numpy()
+    for i in range(batch):
+        image = Image.fromarray(pixels[i, :, :, 0] if pixels.shape[3] == 1 else pixels[i]).convert("RGB")
+        left = pad + (i % cols) * (cell_w + pad)
+        top = pad + (i // cols) * (cell_h + text_h + pad)
+        sheet.paste(image.resize((cell_w, cell_h), Image.Resampling.NEAREST), (left, top))
+        for k, line in enumerate(lines[i]):
+            draw.text((left, top + cell_h + 2 + 13 * k), line, fill="black", font=font)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sheet.save(path, format="PNG")
+    return path

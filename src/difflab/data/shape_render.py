@@ -13,7 +13,8 @@ circle's diameter, the square's side, the triangle's base and height) is 0.5 c w
 import numpy as np
 import torch
 
-from difflab.data.shape_scenes import BACKGROUND, COLUMNS, PALETTE, ROWS, check_scene
+from difflab.data.shape_scenes import BACKGROUND, PALETTE, check_scene
+from difflab.vocabulary import COLUMNS, ROWS
 
 MIN_SIZE, MAX_SIZE = 16, 128
 SUPERSAMPLE = 4  # sample points per pixel along each axis

@@ -1,4 +1,5 @@
-"""Vocabulary, captions and attribute labels of the generated "shapes" scenes.
+"""Scenes, captions and attribute labels of the generated "shapes" world (its words live in
+``difflab.vocabulary`` and are re-exported here).
 
 Why separate from drawing: prompts and attribute classifiers need the words and label indices
 without rendering anything.
@@ -23,14 +24,9 @@ import re
 import torch
 
 from difflab.data.seeding import derive_words
-
-SHAPES = ("circle", "square", "triangle")
-COLOURS = ("red", "green", "blue", "yellow", "magenta", "cyan")
-SIZES = ("small", "big")
-ROWS = ("top", "middle", "bottom")
-COLUMNS = ("left", "centre", "right")
-POSITIONS = tuple(f"{row} {column}" for row in ROWS for column in COLUMNS)  # row-major
-ATTRIBUTES = {"shape": SHAPES, "colour": COLOURS, "size": SIZES, "position": POSITIONS}
+from difflab.vocabulary import ANY_SHAPE, ATTRIBUTES, COLOURS, POSITIONS, SHAPES, SIZES
+from difflab.vocabulary import COLUMNS as COLUMNS
+from difflab.vocabulary import ROWS as ROWS
 
 # Pure primaries and secondaries: every pair differs by 255 in at least one channel.
 PALETTE = {
@@ -42,7 +38,6 @@ PALETTE = {
     "cyan": (0, 255, 255),
 }
 BACKGROUND = (0, 0, 0)  # black, i.e. -1 in every channel
-ANY_SHAPE = "shape"  # caption noun for an object whose shape is unspecified
 
 
 def check_object(obj: dict, complete: bool = True) -> dict[str, str]:

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import Denoiser
+from difflab.pipelines.sampling import sample_batched
 
 
 def digits_reference(size: int):
@@ -24,36 +25,6 @@ def digits_reference(size: int):
     )
 
 
-def sample_batched(
-    denoiser: Denoiser,
-    n: int,
-    sampler: str,
-    steps: int,
-    seed: int = 0,
-    eta: float = 0.0,
-    batch_size: int = 500,
-    cond: dict | None = None,
-    progress: bool = False,
-    decode=None,
-) -> Tensor:
-    """`n` samples in batches, each example from its own generator (seed + index), so the
-    images do not depend on the batch size. `decode` (a latent pipeline's `load_decoder`)
-    turns each batch of latents into images."""
-    from difflab.samplers import sample
-
-    if n < 1:
-        raise ValueError(f"n must be >= 1, got {n}")
-    out = []
-    for start in range(0, n, batch_size):
-        idx = range(start, min(n, start + batch_size))
-        gens = [torch.Generator().manual_seed(seed + i) for i in idx]
-        batch_cond = None if cond is None else {k: v[start : start + len(idx)] for k, v in cond.items()}
-        shape = (len(idx), *denoiser.sample_shape)
-        x = sample(denoiser, shape, sampler, steps, eta, generator=gens, progress=progress, cond=batch_cond)
-        out.append(x if decode is None else decode(x))
-    return torch.cat(out)
-
-
 @torch.no_grad()
 def evaluate_digits(
     denoiser: Denoiser,
@@ -65,6 +36,7 @@ def evaluate_digits(
     cond: dict | None = None,
     progress: bool = False,
     decode=None,
+    spacing: str | None = None,
 ) -> tuple[dict, Tensor]:
     """Metrics of `n` samples against the 297 real test digits: digits FD, confident share,
     class histogram; plus the floors: the FD of `n` real *train* digits against the same
@@ -74,7 +46,9 @@ def evaluate_digits(
     from difflab.eval.metrics import classifier_outputs, digits_metrics, real_vs_real_floor
 
     start = time.perf_counter()
-    samples = sample_batched(denoiser, n, sampler, steps, seed, eta, cond=cond, progress=progress, decode=decode)
+    samples = sample_batched(
+        denoiser, n, sampler, steps, seed, eta, cond=cond, progress=progress, decode=decode, spacing=spacing
+    )
     classifier, test, train = digits_reference(samples.shape[-1])
     seconds = time.perf_counter() - start
     samples = samples.clamp(-1.0, 1.0)  # judged as they would be saved: pixels in [-1, 1]
@@ -85,6 +59,7 @@ def evaluate_digits(
     metrics.update(
         sampler=sampler,
         steps=steps,
+        spacing=spacing,
         eta=eta,
         seed=seed,
         floor_fd_same_count=frechet_distance(train_feats, test_feats),

@@ -1,5 +1,6 @@
 """Networks: the ADM U-Net, DiT, the noisy classifier for classifier guidance, text
-encoders, and the KL/VQ autoencoders (with their patch discriminator) of latent diffusion.
+encoders, the KL/VQ autoencoders (with their patch discriminator) of latent diffusion, and
+the attribute classifier that judges text-to-image samples.
 
 Every network follows one contract, ``net(x, t, cond=None) -> Tensor``:
 x is (B, C, H, W); t is the (fractional) timestep index, (B,) or a scalar; cond is
@@ -8,6 +9,7 @@ network supports). Networks are built from configs and saved/loaded with
 ``save_pretrained`` / ``load_network`` (JSON + safetensors, no pickle).
 """
 
+from .attributes import AttributeClassifier, AttributeClassifierConfig
 from .autoencoder import Autoencoder, AutoencoderConfig, DiagonalGaussian
 from .base import (
     NETWORKS,
@@ -46,6 +48,8 @@ __all__ = [
     "DIT_PRESETS",
     "NoisyClassifier",
     "NoisyClassifierConfig",
+    "AttributeClassifier",
+    "AttributeClassifierConfig",
     "count_parameters",
     "timestep_embedding",
     "Autoencoder",

@@ -35,9 +35,9 @@ class DiTConfig(NetConfig):
 
     input_size: H = W of the (latent) input. out_channels: predicted data channels
     (default in_channels); learn_sigma doubles them (first half: mean prediction, second
-    half: variance interpolation v). class_dropout_prob: DiT's label
-    dropout inside the model in training mode (leave 0 if the training method drops
-    labels itself). concat_channels: extra input channels from ``cond["concat"]``.
+    half: variance interpolation v). class_dropout_prob: DiT's label dropout, the rate
+    at which the training task replaces labels by the null label (the network itself
+    never drops them). concat_channels: extra input channels from ``cond["concat"]``.
     """
 
     input_size: int = 32
@@ -199,7 +199,7 @@ class DiT(ConfigModule):
         self.register_buffer("pos_embed", sincos_2d(hidden, self.grid_size)[None], persistent=False)
         self.time_embed = TimestepEmbedding(cfg.frequency_embedding_size, hidden)
         self.label_embed = (
-            LabelEmbedding(cfg.num_classes, hidden, cfg.class_dropout_prob)
+            LabelEmbedding(cfg.num_classes, hidden)
             if cfg.num_classes is not None
             else None
         )

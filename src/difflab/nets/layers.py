@@ -61,15 +61,14 @@ class TimestepEmbedding(nn.Module):
 class LabelEmbedding(nn.Module):
     """Class label -> vector. Label ``num_classes`` is a learned "null" class for CFG.
 
-    With ``dropout_prob`` > 0 and in training mode, labels are replaced by the null
-    label at that rate (DiT's class dropout); leave it 0 when the training method
-    already drops labels.
+    It never drops labels itself, in training mode neither: the training task replaces
+    labels by the null label (``difflab.train.tasks.conditions``), so that two networks
+    (online and target, student and teacher) can be given the same dropped labels.
     """
 
-    def __init__(self, num_classes: int, embed_dim: int, dropout_prob: float = 0.0):
+    def __init__(self, num_classes: int, embed_dim: int):
         super().__init__()
         self.num_classes = num_classes
-        self.dropout_prob = dropout_prob
         self.embedding = nn.Embedding(num_classes + 1, embed_dim)
 
     @property
@@ -87,9 +86,6 @@ class LabelEmbedding(nn.Module):
                 f'cond["y"] labels must be in [0, {self.num_classes}] ({self.num_classes} = null '
                 f"label), got min {int(y.min())} max {int(y.max())}"
             )
-        if self.training and self.dropout_prob > 0:
-            drop = torch.rand(y.shape, device=y.device) < self.dropout_prob
-            y = torch.where(drop, torch.full_like(y, self.null_label), y)
         return self.embedding(y.long())
 
 

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from difflab.vocabulary import ANY_SHAPE, ATTRIBUTES, COLUMNS, ROWS
+
 from .base import (
     ConfigModule,
     NetConfig,
@@ -44,9 +46,7 @@ PAD_ID, UNK_ID, NULL_ID = 0, 1, 2
 
 
 def shapes_vocabulary() -> tuple[str, ...]:
-    """Every word the shapes caption grammar can produce (``difflab.data.shape_scenes``)."""
-    from difflab.data.shape_scenes import ANY_SHAPE, ATTRIBUTES, COLUMNS, ROWS
-
+    """Every word the shapes caption grammar (``difflab.data.shape_scenes``) can produce."""
     words = ["a", "an", "and", "at", "the", ANY_SHAPE]
     for name in ("shape", "colour", "size"):
         words += ATTRIBUTES[name]
@@ -313,8 +313,9 @@ class FrozenSentenceEncoder(ConfigModule):
 class TextConditionalUNetConfig(NetConfig):
     """unet: the denoising network's config ("class" defaults to "UNet"; context_dim defaults
     to the encoder's output dim). text_encoder: the encoder's config ("class" defaults to
-    "TextEncoder"; "FrozenSentenceEncoder" for MiniLM). caption_dropout_prob: in training mode,
-    captions are replaced by "" at this rate, so one model learns p(x | c) and p(x) for CFG."""
+    "TextEncoder"; "FrozenSentenceEncoder" for MiniLM). caption_dropout_prob: the rate at which the
+    training task replaces captions by "", so one model learns p(x | c) and p(x) for CFG (the
+    network itself never drops them)."""
 
     unet: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)
@@ -349,15 +350,6 @@ class TextConditionalUNet(ConfigModule):
             )
         self.unet = build_network(unet)
 
-    def drop_captions(self, captions: list[str]) -> list[str]:
-        """Each caption replaced by "" with probability caption_dropout_prob (global torch RNG,
-        which the training loop seeds per step)."""
-        p = self.config.caption_dropout_prob
-        if p == 0.0:
-            return captions
-        drop = (torch.rand(len(captions)) < p).tolist()
-        return ["" if d else c for c, d in zip(captions, drop)]
-
     def encode(self, captions: Sequence[str], device: torch.device | str | None = None) -> dict:
         return self.text_encoder.encode(captions, device=device)
 
@@ -369,10 +361,7 @@ class TextConditionalUNet(ConfigModule):
                 raise ValueError(f'cond["caption"] must be a list of {x.shape[0]} strings, got {captions!r}')
             if "context" in cond:
                 raise ValueError('give cond["caption"] or cond["context"], not both')
-            captions = list(captions)
-            if self.training:
-                captions = self.drop_captions(captions)
-            cond.update(self.encode(captions, device=x.device))
+            cond.update(self.encode(list(captions), device=x.device))
         elif "context" not in cond:
             raise ValueError('TextConditionalUNet needs cond["caption"] (strings) or cond["context"]')
         return self.unet(x, t, cond)

@@ -84,7 +84,9 @@ class UNetConfig(BackboneConfig):
     Defaults give a ~6M-parameter CPU-friendly 32x32 model.
 
     out_channels: predicted data channels (default in_channels); learn_sigma doubles the
-    output channels. pooled_context: also add the masked mean of the context tokens,
+    output channels. class_dropout_prob: the rate at which the training task replaces labels
+    by the null label (classifier-free guidance); the network itself never drops them.
+    pooled_context: also add the masked mean of the context tokens,
     projected, to the time embedding (GLIDE, Imagen), so every res block sees the caption
     through its scale/shift and not only the few cross-attention layers; small text models
     learn global attributes such as colour far faster with it. coordinate_channels: concatenate
@@ -289,7 +291,7 @@ class UNet(ConfigModule):
         embed_dim = 4 * cfg.model_channels
         self.time_embed = TimestepEmbedding(cfg.model_channels, embed_dim)
         self.label_embed = (
-            LabelEmbedding(cfg.num_classes, embed_dim, cfg.class_dropout_prob)
+            LabelEmbedding(cfg.num_classes, embed_dim)
             if cfg.num_classes is not None
             else None
         )

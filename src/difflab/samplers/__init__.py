@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import Denoiser
+from difflab.samplers.consistency import consistency
 from difflab.samplers.ddim import check_eta, ddim, ddim_invert, slerp
 from difflab.samplers.ddpm import ddpm
 from difflab.samplers.langevin import annealed_langevin, predictor_corrector
@@ -32,6 +33,7 @@ SAMPLERS = {
     "dpmpp_2m": dpmpp_2m,
     "langevin": annealed_langevin,
     "pc": predictor_corrector,
+    "consistency": consistency,
 }
 
 # Euler/Heun: Karras et al.'s spacing; DPM-Solver++ steps uniformly in log-SNR (= geometric
@@ -45,15 +47,42 @@ DEFAULT_SPACING = {
     "heun": "karras",
     "dpmpp_2m": "geometric",
     "langevin": "geometric",
+    "consistency": "trailing",  # the first level is T - 1: pure noise, as one-step generation needs
 }
 
+# Names users know from other libraries -> (sampler, spacing it implies; None = the default)
+SAMPLER_ALIASES = {
+    "dpmpp_2m_karras": ("dpmpp_2m", "karras"),
+    "dpm++_2m": ("dpmpp_2m", None),
+    "dpm++_2m_karras": ("dpmpp_2m", "karras"),
+    "euler_karras": ("euler", "karras"),
+    "heun_karras": ("heun", "karras"),
+    "ddim_trailing": ("ddim", "trailing"),
+}
+
+
+def resolve_sampler(name: str, spacing: str | None = None) -> tuple[str, str | None]:
+    """(sampler, spacing) for a sampler name or alias; an alias's spacing must not contradict
+    an explicit `spacing`."""
+    if name in SAMPLERS:
+        return name, spacing
+    if name not in SAMPLER_ALIASES:
+        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join([*SAMPLERS, *SAMPLER_ALIASES])}")
+    sampler, implied = SAMPLER_ALIASES[name]
+    if spacing is not None and implied is not None and spacing != implied:
+        raise ValueError(f"sampler {name!r} means spacing {implied!r}, but spacing {spacing!r} was given")
+    return sampler, spacing if spacing is not None else implied
+
+
 __all__ = [
+    "SAMPLER_ALIASES",
     "DEFAULT_SPACING",
     "SAMPLERS",
     "SPACINGS",
     "SamplerLoop",
     "annealed_langevin",
     "check_generator",
+    "consistency",
     "ddim",
     "ddim_invert",
     "ddpm",
@@ -63,6 +92,7 @@ __all__ = [
     "heun",
     "predictor_corrector",
     "randn",
+    "resolve_sampler",
     "sample",
     "sampler_options",
     "slerp",
@@ -96,8 +126,7 @@ def sample(
     the same count). `eta` is DDIM's; `generator` is a torch.Generator or a list of them, one
     per example, so an example does not depend on the batch size. `options` go to the sampler
     (ddpm: variance; langevin: n_steps, step_size, denoise; pc: snr, n_corrector, variance)."""
-    if sampler not in SAMPLERS:
-        raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}")
+    sampler, spacing = resolve_sampler(sampler, spacing)
     eta = check_eta(eta)
     if eta != 0.0:
         if sampler != "ddim":

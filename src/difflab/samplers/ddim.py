@@ -15,12 +15,7 @@ from torch import Tensor
 
 from difflab.denoiser import Denoiser
 from difflab.samplers.loop import Callback, Generators, SamplerLoop
-
-
-def ddim_coefficients(a: float, a_prev: float, eta: float) -> tuple[float, float, float]:
-    """(c_x0, c_eps, c_noise) of one DDIM step from alpha_bar a to a_prev."""
-    s = eta * math.sqrt(max(0.0, (1.0 - a_prev) / (1.0 - a) * (1.0 - a / a_prev))) if a < 1.0 else 0.0
-    return math.sqrt(a_prev), math.sqrt(max(0.0, 1.0 - a_prev - s * s)), s
+from difflab.samplers.steps import ddim_step
 
 
 def check_eta(eta: float) -> float:
@@ -47,17 +42,14 @@ def ddim(
         denoiser, x_T, timesteps, generator=generator, callback=callback, cond=cond, progress=progress, desc="ddim"
     )
     ab = loop.alpha_bar
-    coefs = [ddim_coefficients(a, a_prev, eta) for a, a_prev in zip(ab, ab[1:] + [1.0])]
     x, last = x_T, len(loop) - 1
     for i in loop:
         pred = loop.denoise(x, i)
-        c_x0, c_eps, c_noise = coefs[i]
-        if i == last:  # a' = 1: exactly x0_hat (the coefficients are (1, 0, 0))
+        if i == last:  # a' = 1: exactly x0_hat
             x = pred.x0
         else:
-            x = torch.add(pred.x0 * c_x0, pred.eps, alpha=c_eps)
-            if c_noise > 0.0:
-                x = torch.add(x, loop.noise(x), alpha=c_noise)
+            noise = loop.noise(x) if eta > 0.0 else None
+            x = ddim_step(pred, ab[i + 1], eta=eta, alpha_bar=ab[i], noise=noise)
         loop.report(i, x, pred)
     return x
 

@@ -100,6 +100,10 @@ class SamplerLoop:
     def is_integer(self) -> bool:
         return not self.timesteps.is_floating_point()
 
+    def t_batch(self, i: int) -> Tensor:
+        """The i-th listed timestep for every example, (B,) on x_T's device."""
+        return self._t_batch[i]
+
     def denoise(self, x: Tensor, i: int) -> Prediction:
         """The denoiser at the i-th listed timestep (x in VP coordinates)."""
         self.nfe += 1

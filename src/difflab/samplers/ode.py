@@ -16,6 +16,7 @@ from torch import Tensor
 
 from difflab.denoiser import Denoiser
 from difflab.samplers.loop import Callback, Generators, SamplerLoop
+from difflab.samplers.steps import heun_step
 
 
 class VELevels:
@@ -79,22 +80,15 @@ def heun(
     progress: bool = True,
 ) -> Tensor:
     """Heun's second-order method (Karras et al. 2022, Alg. 1 without churn): an Euler step,
-    corrected by the average of the slopes at both ends. The last step, to sigma = 0, is a
-    plain Euler step onto x0_hat, so n timesteps cost 2n - 1 NFE."""
-    loop, lv = _loop(denoiser, x_T, timesteps, generator, callback, cond, progress, "heun")
-    s = lv.sigma
-    x = lv.ve(x_T, 0)
-    last = len(loop) - 1
+    corrected by the average of the slopes at both ends (`steps.heun_step`). The last step, to
+    sigma = 0, is a plain Euler step onto x0_hat, so n timesteps cost 2n - 1 NFE."""
+    loop, _ = _loop(denoiser, x_T, timesteps, generator, callback, cond, progress, "heun")
+    x, last = x_T, len(loop) - 1
+    clean = torch.full_like(loop.t_batch(0), -1)
     for i in loop:
-        pred = loop.denoise(lv.vp(x, i), i)
-        if i == last:
-            x = pred.x0
-        else:
-            h = s[i + 1] - s[i]
-            x_euler = torch.add(x, pred.eps, alpha=h)
-            pred_next = loop.denoise(lv.vp(x_euler, i + 1), i + 1)
-            x = torch.add(x, pred.eps + pred_next.eps, alpha=0.5 * h)
-        loop.report(i, x, pred, scale=lv.to_vp[i + 1])
+        x, pred = heun_step(denoiser, x, loop.t_batch(i), clean if i == last else loop.t_batch(i + 1), cond)
+        loop.nfe += 1 if i == last else 2
+        loop.report(i, x, pred)
     return x
 
 

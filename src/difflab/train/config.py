@@ -147,13 +147,19 @@ class SampleConfig:
 
     sampler: str = "ddim"
     steps: int = 50
+    spacing: str = ""  # "" = the sampler's default spacing
     n: int = 16
     eta: float = 0.0
     guidance: float = 0.0
     thresholding: str = "auto"
 
     def validate(self) -> None:
-        _require(bool(self.sampler), "sample.sampler", self.sampler, "a sampler name")
+        from difflab.samplers import SAMPLER_ALIASES, SAMPLERS, SPACINGS, is_respacing_string
+
+        names = (*SAMPLERS, *SAMPLER_ALIASES)
+        _require(self.sampler in names, "sample.sampler", self.sampler, f"one of {', '.join(names)}")
+        spacing_ok = self.spacing in ("", *SPACINGS) or is_respacing_string(self.spacing)
+        _require(spacing_ok, "sample.spacing", self.spacing, f'"" (the default), {", ".join(SPACINGS)} or "ddimS"')
         _require(self.steps >= 1, "sample.steps", self.steps, "an int >= 1")
         _require(self.n >= 1, "sample.n", self.n, "an int >= 1")
         _require(self.eta >= 0, "sample.eta", self.eta, "a number >= 0")

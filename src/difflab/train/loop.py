@@ -1,10 +1,11 @@
 """The training loop: AdamW with linear warm-up, gradient clipping and accumulation, EMA,
 optional bf16 autocast, checkpoints, logs and sample grids. It knows nothing about diffusion:
-everything model-specific comes from a `Task`.
+everything model-specific comes from a `Task` (its loss, the modules it keeps frozen, a hook
+after each update; see the protocol in `difflab.train.tasks`).
 
-Repeatability: every random draw of step s on shard j (noise, timesteps, dropout) comes from
-generators seeded with (seed, s, j), and the data of (s, j) is fixed by `ShardSchedule`. A
-resumed run therefore computes exactly what an uninterrupted run computes.
+Repeatability: every random draw of step s on shard j (noise, timesteps, condition dropout,
+dropout) comes from generators seeded with (seed, s, j), and the data of (s, j) is fixed by
+`ShardSchedule`. A resumed run therefore computes exactly what an uninterrupted run computes.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import contextlib
 import math
 import random
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -29,8 +31,9 @@ from difflab.train.checkpoint import capture_rng, latest_checkpoint, restore_rng
 from difflab.train.config import Config
 from difflab.train.distributed import Dist
 from difflab.train.ema import EMA
-from difflab.train.monitor import LogWindow, append_log, plot_loss, read_log
+from difflab.train.monitor import LogWindow, append_log, plot_loss, progress_line, read_log
 from difflab.train.tasks import Task
+from difflab.train.tasks.frozen import check_unchanged, freeze
 
 STEP_STREAM, SAMPLE_STREAM = 0, 2  # derive_seed(seed, stream, ...): independent streams of draws
 
@@ -55,13 +58,19 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed % 2**32)
 
 
+def _is_terminal(stream) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def warmup_factor(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
 
 
 class Trainer:
     """Owns what changes during training (weights, EMA, optimizer, step, log window) and
-    writes the run folder; `state_dict()` is exactly what a checkpoint holds."""
+    writes the run folder; `state_dict()` is exactly what a checkpoint holds. The task's
+    frozen modules are put on the device and fingerprinted here, never trained or saved."""
 
     def __init__(self, task: Task, dataset, config: Config, run_dir: str | Path, dist: Dist | None = None):
         cfg = config.train
@@ -69,6 +78,9 @@ class Trainer:
         self.run_dir, self.dist = Path(run_dir), dist or Dist()
         self.device = self.dist.device
         self.model = task.model.to(self.device)
+        # the task's frozen modules, on the device; what a checkpoint records: name -> source, fingerprint
+        self.frozen_records = freeze(getattr(task, "frozen", {}), self.model, self.device)
+        self.after_step = getattr(task, "after_step", None)
         self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
         self.wrapped = self.dist.wrap(self.model)
         self.optimizer = torch.optim.AdamW(
@@ -96,6 +108,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "task": self.task.extra_state(),
+            "frozen": self.frozen_records,
             "rng": capture_rng(),
             "log_window": self.window.state_dict(),
             "world_size": self.dist.world_size,
@@ -107,6 +120,7 @@ class Trainer:
                 f"the checkpoint was trained on {state['data']['dataset_size']} examples but the data set now has "
                 f"{len(self.dataset)}; resuming would not continue the same run"
             )
+        check_unchanged(state.get("frozen", {}), self.frozen_records)  # checkpoints before frozen modules: none
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -182,6 +196,9 @@ class Trainer:
         if self.ema is not None:
             self.ema.update(self.model)
         self.step += 1
+        if self.after_step is not None:
+            with torch.no_grad():
+                self.after_step(self.model, self.step)
         return stats
 
     # ---------------------------------------------------------------- the loop
@@ -230,6 +247,8 @@ class Trainer:
         if self.dist.is_main:
             append_log(self.run_dir, record)
             bar.set_postfix(loss=f"{record['loss']:.4g}")
+            if not _is_terminal(sys.stdout):  # tqdm shows nothing there: `nohup difflab train > log`
+                print(progress_line(record, self.cfg.steps), flush=True)
 
     def sampling_model(self) -> torch.nn.Module:
         return self.ema.model if self.ema is not None else self.model

@@ -37,6 +37,24 @@ class LogWindow:
         self.sums, self.count = dict(state["sums"]), int(state["count"])
 
 
+def progress_line(record: dict, total_steps: int) -> str:
+    """One plain line per log record, for output that is not a terminal (where tqdm shows
+    nothing): ``step 50/4000  loss 0.8376  1.3 it/s  eta 48m``."""
+    step, rate = record["step"], record.get("it_s", 0.0)
+    parts = [f"step {step}/{total_steps}", f"loss {record['loss']:.4f}"]
+    if rate > 0 and math.isfinite(rate):
+        parts += [f"{rate:.3g} it/s", f"eta {_duration((total_steps - step) / rate)}"]
+    return "  ".join(parts)
+
+
+def _duration(seconds: float) -> str:
+    """48s, 12m, 3h05m."""
+    if seconds < 59.5:
+        return f"{round(seconds)}s"
+    minutes = round(seconds / 60)
+    return f"{minutes}m" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
 def read_log(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / LOG_FILE
     if not path.is_file():

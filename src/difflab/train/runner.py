@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
+from difflab.pipelines.folder import MODEL_DIR
 from difflab.train.batches import build_dataset
 from difflab.train.checkpoint import latest_checkpoint, load_checkpoint
 from difflab.train.config import RESUMABLE_CHANGES, Config, apply_overrides, config_changes, load_config, save_config
 from difflab.train.distributed import Dist, setup
 from difflab.train.loop import Trainer
 from difflab.train.monitor import LOG_FILE, truncate_log
-from difflab.train.pipeline import MODEL_DIR
 from difflab.train.tasks import DataInfo, build_task
 
 CONFIG_FILE = "config.toml"

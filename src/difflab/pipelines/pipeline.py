@@ -1,0 +1,214 @@
+"""`Pipeline`: a model ready to sample in one call, in the spirit of diffusers' pipelines.
+
+    pipe = Pipeline.from_pretrained("digits-ddpm")            # a shipped name, a run or a model folder
+    images = pipe(n=16, steps=50, seed=0)                      # 16 PIL images
+    pipe = Pipeline.from_pretrained("digits-cfg", device="cuda", dtype="bf16")
+    grid = pipe(n=10, label=3, guidance=2, output_type="pt")  # (10, 1, 16, 16) in [-1, 1]
+
+Everything the model folder's manifest says is applied: the x0 thresholding it was trained to
+sample with, its default sampler, steps and spacing, its decoder (latent models) and its
+conditioning (class labels or prompts, with classifier-free guidance).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from difflab.denoiser import Denoiser, device_of, network_dtype
+from difflab.devices import parse_dtype, pick_device
+from difflab.guidance import check_scale, conditioned
+from difflab.pipelines.folder import AUTOENCODER, DENOISER, component_dir, resolve, write_manifest
+from difflab.pipelines.load import LatentDecoder, load_decoder, load_pipeline
+from difflab.pipelines.sampling import sample_batched
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+PROVENANCE_FILES = ("recipe.toml", "training.json", "metrics.json", "README.md")
+
+
+class Pipeline:
+    """A denoiser, its manifest and (latent models) its decoder; call it to draw samples."""
+
+    def __init__(self, denoiser: Denoiser, manifest: dict, decoder: LatentDecoder | None = None, source=None):
+        self.denoiser, self.manifest, self.decoder = denoiser, manifest, decoder
+        self.source = None if source is None else Path(source)
+
+    @classmethod
+    def from_pretrained(
+        cls, model: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None
+    ) -> Pipeline:
+        """Load a shipped model by name (`difflab models` lists them), a run folder or a model
+        folder; `device` "auto" is CUDA where present; `dtype` float32 (default), bf16 or fp16."""
+        directory = resolve(model)
+        device, dtype = pick_device(device), parse_dtype(dtype)
+        denoiser, manifest = load_pipeline(directory, device, dtype)
+        return cls(denoiser, manifest, load_decoder(directory, device, dtype), directory)
+
+    # ---------------------------------------------------------------- where it runs
+    @property
+    def network(self) -> torch.nn.Module:
+        return self.denoiser.net
+
+    @property
+    def device(self) -> torch.device:
+        return device_of(self.denoiser)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return network_dtype(self.network)
+
+    def to(self, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None) -> Pipeline:
+        """Move (and/or cast) every component; returns the pipeline."""
+        moves = {}
+        if device is not None:
+            moves["device"] = pick_device(device)
+        if dtype is not None:
+            moves["dtype"] = parse_dtype(dtype)
+        self.network.to(**moves)
+        if self.decoder is not None:
+            self.decoder.to(**moves)
+        return self
+
+    # ---------------------------------------------------------------- sampling
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """One sample's shape as returned: the decoded image's for a latent model."""
+        latent = self.manifest.get("latent")
+        return tuple(latent["image_shape"] if latent is not None else self.manifest["sample_shape"])
+
+    @property
+    def conditioning(self) -> str | None:
+        return self.manifest.get("conditioning")
+
+    def settings(
+        self, sampler: str | None = None, steps: int | None = None, spacing: str | None = None, eta: float | None = None
+    ) -> dict:
+        """The sampler settings of a call: what is given, else the model's defaults."""
+        defaults = self.manifest["sample"]
+        return {
+            "sampler": sampler if sampler is not None else defaults["sampler"],
+            "steps": steps if steps is not None else defaults["steps"],
+            "spacing": spacing if spacing is not None else defaults.get("spacing"),
+            "eta": eta if eta is not None else defaults.get("eta", 0.0),
+        }
+
+    def condition(
+        self,
+        n: int,
+        guidance: float | None = None,
+        label: int | Sequence[int] | None = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
+        guidance_scale: float | None = None,
+    ) -> tuple[Denoiser, dict | None]:
+        """The (denoiser, cond) a call samples with: guided and thresholded as the manifest says.
+        `guidance` is difflab's w (0 = the plain conditional model); diffusers' guidance_scale is
+        w + 1 and may be given instead."""
+        if guidance is not None and guidance_scale is not None:
+            raise ValueError("give guidance (w) or guidance_scale (w + 1, diffusers' convention), not both")
+        if guidance_scale is not None:
+            guidance = check_scale(guidance_scale) - 1.0
+        if guidance is None:
+            guidance = self.manifest["sample"].get("guidance", 0.0) if self.conditioning else 0.0
+        return conditioned(
+            self.denoiser, self.manifest, n, scale=guidance, label=label, prompt=prompt,
+            negative_prompt=negative_prompt,
+        )  # fmt: skip
+
+    @torch.no_grad()
+    def generate(
+        self,
+        n: int = 16,
+        *,
+        steps: int | None = None,
+        sampler: str | None = None,
+        spacing: str | None = None,
+        eta: float | None = None,
+        guidance: float | None = None,
+        guidance_scale: float | None = None,
+        label: int | Sequence[int] | None = None,
+        prompt: str | Sequence[str] | None = None,
+        negative_prompt: str | None = None,
+        seed: int = 0,
+        generator: torch.Generator | Sequence[torch.Generator] | None = None,
+        batch_size: int = 256,
+        progress: bool = False,
+    ) -> Tensor:
+        """n samples as a float32 CPU tensor: images (n, C, H, W), in [-1, 1] where the model
+        clips x0 (decoded for latent models), or the raw vectors of a vector model. Sample i is drawn from its own
+        generator seeded by `seed` (so it does not depend on n or the batch size), or from
+        `generator` (one, used for all, or a list of n)."""
+        denoiser, cond = self.condition(n, guidance, label, prompt, negative_prompt, guidance_scale)
+        generators = None
+        if isinstance(generator, torch.Generator):
+            generators = [generator] * n
+        elif generator is not None:
+            generators = list(generator)
+        x = sample_batched(
+            denoiser, n, seed=seed, cond=cond, progress=progress, decode=self.decoder, batch_size=batch_size,
+            generators=generators, **self.settings(sampler, steps, spacing, eta),
+        )  # fmt: skip
+        return x
+
+    def __call__(self, n: int = 16, *, output_type: str | None = None, **options):
+        """Sample and convert: `output_type` "pil" (a list of PIL images, the default for
+        images), "np" (float32 (n, H, W, C) in [0, 1], as diffusers; raw vectors for vector
+        models, their default) or "pt" (the float32 tensor in [-1, 1], (n, C, H, W)).
+        `options` are `generate`'s: steps, sampler (or an alias such as "dpmpp_2m_karras"),
+        spacing, eta, guidance (w) or guidance_scale (w + 1), label, prompt, negative_prompt,
+        seed or generator, batch_size, progress."""
+        is_image = len(self.output_shape) == 3
+        output_type = output_type or ("pil" if is_image else "np")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        if output_type == "pil" and not is_image:
+            raise ValueError("this model draws vectors, not images: use output_type 'np' or 'pt'")
+        x = self.generate(n, **options)
+        if not is_image:
+            return x if output_type == "pt" else x.numpy()
+        x = x.clamp(-1.0, 1.0)  # pictures: what a decoder or a late step overshoots is clipped
+        if output_type == "pt":
+            return x
+        if output_type == "np":
+            return ((x + 1.0) / 2.0).permute(0, 2, 3, 1).numpy()
+        return to_pil(x)
+
+    # ---------------------------------------------------------------- saving
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """Write a model folder that `from_pretrained` (and `difflab sample`) loads: each
+        component's config + safetensors, the manifest, and the recipe/training records."""
+        directory = Path(directory)
+        if self.source is not None and directory.resolve() == self.source.resolve():
+            raise ValueError(f"{directory} is the folder this pipeline was loaded from; save to a new folder")
+        self.network.save_pretrained(component_dir(directory, self.manifest, DENOISER))
+        if self.decoder is not None:
+            self.decoder.autoencoder.save_pretrained(component_dir(directory, self.manifest, AUTOENCODER))
+        write_manifest(directory, self.manifest)
+        for name in PROVENANCE_FILES:
+            if self.source is not None and (self.source / name).is_file():
+                shutil.copyfile(self.source / name, directory / name)
+        return directory
+
+    def __repr__(self) -> str:
+        m = self.manifest
+        where = f"{self.source}" if self.source is not None else "memory"
+        return (
+            f"Pipeline({where}: {type(self.network).__name__}, {m['prediction']}-prediction, "
+            f"sample_shape={tuple(m['sample_shape'])}, conditioning={m.get('conditioning')}, "
+            f"device={self.device}, dtype={self.dtype})"
+        )
+
+
+def to_pil(x: Tensor) -> list:
+    """(n, C, H, W) in [-1, 1] with C 1 or 3 -> a list of PIL images (L or RGB)."""
+    from PIL import Image
+
+    from difflab.data.images import to_uint8_images
+
+    pixels = to_uint8_images(x).permute(0, 2, 3, 1).numpy()
+    return [Image.fromarray(p[:, :, 0] if p.shape[2] == 1 else np.ascontiguousarray(p)) for p in pixels]
