@@ -88,7 +88,8 @@ def test_karras_levels_span_the_schedule_ascending():
     assert levels[0] == 0 and levels[-1] == SCHEDULE.T - 1 and (levels.diff() > 0).all()
     sig = SCHEDULE.sigma_at(levels)
     rho = 7.0  # the Karras ladder is linear in sigma^(1/rho)
-    torch.testing.assert_close(sig ** (1 / rho), torch.linspace(sig[0] ** (1 / rho), sig[-1] ** (1 / rho), 18, dtype=torch.float64))
+    ramp = torch.linspace(sig[0] ** (1 / rho), sig[-1] ** (1 / rho), 18, dtype=torch.float64)
+    torch.testing.assert_close(sig ** (1 / rho), ramp)
 
 
 def test_lognormal_pair_probabilities_are_the_lognormal_mass_between_levels():
