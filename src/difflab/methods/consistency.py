@@ -99,11 +99,11 @@ def data_sigma(x0: Tensor) -> float:
 def karras_levels(schedule: Schedule, n: int, rho: float = 7.0) -> Tensor:
     """n fractional timesteps, ascending in noise, whose sigmas follow the Karras ladder between
     the schedule's smallest and largest sigma (level 0 is t = 0, level n - 1 is t = T - 1)."""
-    from difflab.samplers.timesteps import get_timesteps
+    from difflab.samplers.timesteps import sigma_spaced
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 2:
         raise ValueError(f"a consistency ladder needs n >= 2 levels, got {n!r}")
-    return get_timesteps(schedule, n, "karras", rho=rho).flip(0)
+    return sigma_spaced(schedule, n, "karras", rho).flip(0)
 
 
 def ct_num_levels(k: int, total: int, s0: int = 2, s1: int = 150) -> int:

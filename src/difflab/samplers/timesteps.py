@@ -92,7 +92,7 @@ def get_timesteps(
     elif spacing == "leading":
         ts = [i * (T // n) for i in range(n)]
     else:
-        return _sigma_spaced(schedule, n, spacing, rho)
+        return sigma_spaced(schedule, n, spacing, rho)
     return torch.tensor(sorted(set(ts), reverse=True), dtype=torch.int64)
 
 
@@ -102,8 +102,10 @@ def check_steps(steps: int | None, T: int) -> int:
     return steps
 
 
-def _sigma_spaced(schedule: Schedule, n: int, spacing: str, rho: float) -> Tensor:
-    """Fractional timesteps whose VE noise levels follow the Karras or geometric ladder."""
+def sigma_spaced(schedule: Schedule, n: int, spacing: str, rho: float = 7.0) -> Tensor:
+    """Fractional timesteps (descending) whose VE noise levels follow the Karras or geometric
+    ladder between the schedule's smallest and largest sigma; n may exceed T (the levels are
+    fractional), as consistency training's growing ladders need."""
     sigmas = schedule.sigmas
     lo, hi = sigmas[0].item(), sigmas[-1].item()
     if not math.isfinite(hi):

@@ -184,11 +184,76 @@ class LatentConfig:
         _require(self.batch_size >= 1, "latent.batch_size", self.batch_size, "an int >= 1")
 
 
+@dataclass
+class DistillConfig:
+    """Progressive distillation (task = "progressive_distillation"): `teacher` is a model folder,
+    run or shipped name (v- or x0-prediction); its first round's teacher takes `teacher_steps`
+    DDIM steps (even) and the student learns half as many. With `rounds` > 1, `difflab train`
+    runs that many rounds in a row, each one a run folder RUN/round-R whose student is the next
+    round's teacher (a fresh optimizer each round), halving the steps every round."""
+
+    teacher: str = ""
+    teacher_steps: int = 64
+    rounds: int = 1
+
+    def validate(self) -> None:
+        _require(self.teacher_steps >= 2 and self.teacher_steps % 2 == 0, "distill.teacher_steps",
+                 self.teacher_steps, "an even int >= 2")  # fmt: skip
+        _require(self.rounds >= 1, "distill.rounds", self.rounds, "an int >= 1")
+        halvings = (self.teacher_steps & -self.teacher_steps).bit_length() - 1  # factors of 2 in teacher_steps
+        _require(self.rounds <= halvings, "distill.rounds", self.rounds,
+                 f"at most {halvings}: teacher_steps = {self.teacher_steps} can be halved that often")  # fmt: skip
+
+
+CONSISTENCY_CURRICULA = ("fixed", "ct", "ict")
+
+
+@dataclass
+class ConsistencyConfig:
+    """Consistency models (task = "consistency"). With a `teacher` (a model folder, run or
+    shipped name): consistency distillation, pairs of adjacent levels joined by one Heun step of
+    the teacher, the online network initialised from the teacher's weights. Without: consistency
+    training from [model]. `curriculum`: "fixed" (`levels` Karras levels, target EMA `target_ema`),
+    "ct" (N(k) and mu(k) of Song et al. 2023, mu0 = target_ema) or "ict" (Song & Dhariwal 2023:
+    doubling N(k), no EMA target); `s0`/`s1` 0 take the paper's bounds (ct 2/150, ict 10/1280).
+    `curriculum_steps`: the K of those schedules (0 = train.steps; set it when a run may later be
+    extended, so that extending it does not change the schedule already followed).
+    `sigma_data`: the data's standard deviation used by the boundary scalings."""
+
+    teacher: str = ""
+    levels: int = 18
+    curriculum: str = "fixed"
+    curriculum_steps: int = 0
+    s0: int = 0
+    s1: int = 0
+    target_ema: float = 0.95
+    distance: str = "l2"
+    weighting: str = "uniform"
+    level_sampling: str = "uniform"
+    sigma_data: float = 0.5
+
+    def validate(self) -> None:
+        from difflab.methods.consistency import DISTANCES, LEVEL_SAMPLINGS
+        from difflab.methods.consistency import WEIGHTINGS as CM_WEIGHTINGS
+
+        _require(self.levels >= 2, "consistency.levels", self.levels, "an int >= 2")
+        _choice("consistency.curriculum", self.curriculum, CONSISTENCY_CURRICULA)
+        _require(self.s0 >= 0 and self.s1 >= 0, "consistency.s0/s1", (self.s0, self.s1), "ints >= 0")
+        _require(self.curriculum_steps >= 0, "consistency.curriculum_steps", self.curriculum_steps, "an int >= 0")
+        _require(0.0 <= self.target_ema < 1.0, "consistency.target_ema", self.target_ema, "a number in [0, 1)")
+        _choice("consistency.distance", self.distance, DISTANCES)
+        _choice("consistency.weighting", self.weighting, CM_WEIGHTINGS)
+        _choice("consistency.level_sampling", self.level_sampling, LEVEL_SAMPLINGS)
+        _require(0.0 < self.sigma_data < math.inf, "consistency.sigma_data", self.sigma_data, "a finite number > 0")
+
+
 SECTIONS: dict[str, type] = {
     "diffusion": DiffusionConfig,
     "train": TrainConfig,
     "sample": SampleConfig,
     "latent": LatentConfig,
+    "distill": DistillConfig,
+    "consistency": ConsistencyConfig,
 }
 
 
@@ -203,6 +268,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:

@@ -27,6 +27,8 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Confi
     """The config a run was trained with (from its latest checkpoint), with `overrides` applied:
     what `difflab train --resume RUN` uses when no recipe is given."""
     path = latest_checkpoint(run_dir)
+    if path is None and (Path(run_dir) / "round-1").is_dir() and (Path(run_dir) / CONFIG_FILE).is_file():
+        return load_config(Path(run_dir) / CONFIG_FILE, overrides)  # a run in rounds: its recipe
     if path is None:
         raise ValueError(f"{run_dir} has no checkpoint to resume from")
     return Config.from_dict(apply_overrides(load_checkpoint(path)["config"], overrides))
@@ -86,6 +88,10 @@ def run(
         config = load_config(config, overrides)
     elif overrides:
         config = Config.from_dict(apply_overrides(config.to_dict(), overrides))
+    if config.distill.rounds > 1:  # progressive distillation: one run per round
+        from difflab.train.rounds import run_rounds
+
+        return run_rounds(config, run_dir, resume)
     if not resume and (latest_checkpoint(run_dir) is not None or (run_dir / LOG_FILE).exists()):
         raise ValueError(f"{run_dir} already holds a run; resume it (--resume) or choose a new folder")
     state = _resume_state(config, run_dir) if resume else None

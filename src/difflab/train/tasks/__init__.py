@@ -30,12 +30,14 @@ from difflab.train.tasks.classifier import (
     load_classifier,
 )
 from difflab.train.tasks.conditions import NULL_CAPTION, drop_captions, drop_labels, drop_mask
+from difflab.train.tasks.consistency import ConsistencyTask
 from difflab.train.tasks.diffusion import (
     LATENT_DIR,
     DiffusionTask,
     SharedTimesteps,
     TextDiffusionTask,
 )
+from difflab.train.tasks.distill import ProgressiveDistillationTask
 from difflab.train.tasks.frozen import Frozen, fingerprint
 
 
@@ -131,6 +133,8 @@ TASKS: dict[str, type[Task]] = {
     "noisy_classifier": NoisyClassifierTask,
     "attribute_classifier": AttributeClassifierTask,
     "autoencoder": AutoencoderTask,
+    "progressive_distillation": ProgressiveDistillationTask,
+    "consistency": ConsistencyTask,
 }
 
 
@@ -151,10 +155,12 @@ __all__ = [
     "AttributeClassifierTask",
     "AutoencoderTask",
     "ClassifierTask",
+    "ConsistencyTask",
     "DataInfo",
     "DiffusionTask",
     "Frozen",
     "NoisyClassifierTask",
+    "ProgressiveDistillationTask",
     "SharedTimesteps",
     "Task",
     "TextDiffusionTask",

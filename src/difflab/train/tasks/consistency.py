@@ -1,0 +1,171 @@
+"""Consistency models (task = "consistency"): distillation from a frozen teacher (CD) or
+training from data alone (CT, iCT), see `difflab.methods.consistency`. The online network is
+trained; the target network is the task's own EMA of it, updated in `after_step` and kept in
+the checkpoint (through `extra_state`), so a resumed run continues exactly."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+
+from difflab.methods.consistency import (
+    ConsistencyDenoiser,
+    ConsistencyLoss,
+    ct_ema_decay,
+    ct_num_levels,
+    ict_num_levels,
+    karras_levels,
+)
+from difflab.pipelines.folder import new_manifest, write_manifest
+from difflab.schedules import Schedule
+from difflab.train.config import Config
+from difflab.train.distributed import Dist
+from difflab.train.tasks.conditions import drop_labels
+from difflab.train.tasks.teachers import check_teacher_data, load_teacher, teacher_condition, trainable_copy
+
+if TYPE_CHECKING:
+    from difflab.train.tasks import DataInfo
+
+PAPER_BOUNDS = {"ct": (2, 150), "ict": (10, 1280)}  # (s0, s1) of Song et al. 2023 and Song & Dhariwal 2023
+
+
+class ConsistencyTask:
+    """CD with [consistency] teacher, CT/iCT without; see `ConsistencyConfig` for the settings."""
+
+    def __init__(self, config: Config, data: DataInfo, dist: Dist | None = None):
+        from difflab.nets import build_network
+
+        c = config.consistency
+        self.config, self.data, self.step = config, data, 0
+        self.frozen, self.teacher, self.teacher_manifest = {}, None, None
+        if c.teacher:
+            frozen, self.teacher, self.teacher_manifest = load_teacher(c.teacher)
+            check_teacher_data(self.teacher_manifest, data.sample_shape, frozen.source)
+            self.frozen = {"teacher": frozen}
+            self.schedule = Schedule.from_config(self.teacher_manifest["schedule"])
+            self.model = build_network(config.model) if config.model else trainable_copy(frozen.module)
+        else:
+            if not config.model:
+                raise ValueError('consistency training (no [consistency] teacher) needs a [model] to train')
+            d = config.diffusion
+            self.schedule = Schedule.make(d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
+            self.model = build_network(config.model)
+        self.num_classes = getattr(getattr(self.model, "config", None), "num_classes", None)
+        self.class_dropout_prob = getattr(getattr(self.model, "config", None), "class_dropout_prob", 0.0)
+        self.target = copy.deepcopy(self.model).requires_grad_(False)
+        self.s0, self.s1 = (c.s0, c.s1) if c.s0 and c.s1 else PAPER_BOUNDS.get(c.curriculum, (0, 0))
+
+    # ---------------------------------------------------------------- schedules over training
+    @property
+    def curriculum_steps(self) -> int:
+        return self.config.consistency.curriculum_steps or self.config.train.steps
+
+    def num_levels(self, step: int) -> int:
+        c, total = self.config.consistency, self.curriculum_steps
+        step = min(step, total)  # a run extended past its curriculum keeps the final ladder
+        if c.curriculum == "ct":
+            return ct_num_levels(step, total, self.s0, self.s1)
+        if c.curriculum == "ict":
+            return ict_num_levels(step, total, self.s0, self.s1)
+        return c.levels
+
+    def target_decay(self, step: int) -> float:
+        """mu at `step`: fixed, the CT schedule mu(k), or 0 for iCT (the target is the online net)."""
+        c = self.config.consistency
+        if c.curriculum == "ct":
+            return ct_ema_decay(min(step, self.curriculum_steps), self.curriculum_steps, self.s0, self.s1, c.target_ema)
+        return 0.0 if c.curriculum == "ict" else c.target_ema
+
+    def denoiser(self, net: nn.Module) -> ConsistencyDenoiser:
+        return ConsistencyDenoiser(
+            net, self.schedule, sample_shape=self.data.sample_shape, sigma_data=self.config.consistency.sigma_data
+        )
+
+    # ---------------------------------------------------------------- the task contract
+    def condition(self, batch: dict, generator: torch.Generator) -> dict | None:
+        if self.teacher_manifest is not None:
+            return teacher_condition(self.teacher_manifest, batch)
+        if self.num_classes is None:
+            return None
+        return {"y": drop_labels(batch["y"], self.class_dropout_prob, self.num_classes, generator)}
+
+    def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
+        c = self.config.consistency
+        loss = ConsistencyLoss(
+            karras_levels(self.schedule, self.num_levels(self.step)), c.distance, c.weighting, c.level_sampling
+        )
+        cond = self.condition(batch, generator)
+        self.target.to(batch["x"].device).train(model.training)  # same dropout as the online pass
+        losses, logs = loss(self.denoiser(model), self.denoiser(self.target), batch["x"], cond, generator,
+                            teacher=self.teacher)  # fmt: skip
+        return losses, {"distance": logs["distance"].float().mean(), "levels": torch.tensor(float(loss.levels.numel()))}
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """The target network follows the online one: target <- mu target + (1 - mu) online."""
+        mu = self.target_decay(step - 1)
+        for target, online in zip(self.target.parameters(), model.parameters(), strict=True):
+            target.lerp_(online.detach().to(target.device), 1.0 - mu)
+        for target, online in zip(self.target.buffers(), model.buffers(), strict=True):
+            target.copy_(online)
+
+    @torch.no_grad()
+    def sample_images(self, model: nn.Module, n: int, generator: torch.Generator) -> Tensor:
+        from difflab.guidance import class_labels, thresholded
+        from difflab.samplers import sample
+
+        device = next(model.parameters()).device
+        self.target.to(device)
+        k = self.num_classes or (self.teacher_manifest or {}).get("num_classes")
+        cond = {"y": class_labels(n, k).to(device)} if k else None
+        net = self.export_model(model)
+        was_training = net.training
+        den = thresholded(self.denoiser(net.eval()), self.thresholding)
+        try:
+            return sample(den, (n, *self.data.sample_shape), "consistency", 1, generator=generator, progress=False,
+                          cond=cond, device=device)  # fmt: skip
+        finally:
+            net.train(was_training)
+
+    def export_model(self, model: nn.Module) -> nn.Module:
+        """What is sampled from: the target network when it is an EMA (CD, CT); with iCT's
+        target (the online network itself), the loop's EMA copy `model`."""
+        return self.target if self.config.consistency.curriculum != "ict" else model
+
+    @property
+    def thresholding(self) -> str:
+        kind = self.config.sample.thresholding
+        return ("static" if len(self.data.sample_shape) == 3 else "none") if kind == "auto" else kind
+
+    def extra_state(self) -> dict:
+        return {"target": self.target.state_dict()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.target.load_state_dict(state["target"])
+
+    def export(self, model: nn.Module, directory: Path) -> None:
+        """A model folder of the "consistency" parameterisation: one-step sampling by default."""
+        self.export_model(model).save_pretrained(directory)
+        c = self.config.consistency
+        base = {k: v for k, v in (self.teacher_manifest or {}).items() if k not in ("sample", "components")}
+        manifest = new_manifest(**{
+            **base,
+            "schedule": self.schedule.to_config(),
+            "prediction": "consistency",
+            "denoiser_options": {"sigma_data": c.sigma_data, "sigma_min": float(self.schedule.sigmas[0])},
+            "variance": "fixed_small",
+            "sample_shape": list(self.data.sample_shape),
+            "thresholding": self.thresholding,
+            "data": dict(self.config.data),
+            "sample": {"sampler": "consistency", "steps": 1, "spacing": "trailing", "n": self.config.sample.n,
+                       "eta": 0.0, "guidance": 0.0},
+            "consistency": {"method": "distillation" if self.teacher is not None else "training",
+                            "teacher": self.frozen["teacher"].source if self.frozen else None,
+                            "curriculum": c.curriculum},
+        })  # fmt: skip
+        if self.num_classes is not None:
+            manifest.update(conditioning="class", num_classes=self.num_classes)
+        write_manifest(directory, manifest)
