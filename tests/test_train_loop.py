@@ -44,6 +44,11 @@ def test_a_run_writes_logs_pictures_checkpoints_and_the_model(tmp_path):
     x = sample(denoiser, (2, 1, 8, 8), "ddim", steps=3, progress=False, generator=torch.Generator().manual_seed(0))
     assert x.shape == (2, 1, 8, 8) and torch.isfinite(x).all()
     assert load_pipeline(run_dir / "model")[1] == meta
+    # the model folder says how it was made: the resolved recipe and the training time
+    assert load_config(run_dir / "model" / "recipe.toml") == config
+    made = json.loads((run_dir / "model" / "training.json").read_text())
+    assert made["steps"] == 4 and made["wall_seconds"] == records[-1]["train_s"] > 0
+    assert [r["train_s"] for r in records] == sorted(r["train_s"] for r in records)
 
     with pytest.raises(ValueError, match="already holds a run"):
         run(config, run_dir)

@@ -74,7 +74,7 @@ def tiny_config(**sections) -> Config:
 
 
 def without_timing(records):
-    return [{k: v for k, v in r.items() if k != "it_s"} for r in records]
+    return [{k: v for k, v in r.items() if k not in ("it_s", "train_s")} for r in records]
 
 
 def assert_identical(a, b, where="state"):

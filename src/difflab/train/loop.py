@@ -209,6 +209,7 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, disable=None if self.dist.is_main else True, desc="train")
         self.model.train()
         started, start_step = time.perf_counter(), self.step
+        earlier = self.records[-1].get("train_s", 0.0) if self.records else 0.0  # before a resume
         try:
             with self._catch_signals():
                 while self.step < cfg.steps:
@@ -217,8 +218,10 @@ class Trainer:
                     bar.update(1)
                     final = self.step == cfg.steps
                     if self.step % cfg.log_every == 0 or final:
-                        rate = (self.step - start_step) / (time.perf_counter() - started)
-                        self._log({"step": self.step, **self.window.means(), "it_s": rate}, bar)
+                        seconds = time.perf_counter() - started
+                        rate = (self.step - start_step) / seconds
+                        record = {"step": self.step, **self.window.means(), "it_s": rate, "train_s": earlier + seconds}
+                        self._log(record, bar)
                     if self.step % cfg.log_every == 0:  # a final partial window is logged but kept,
                         self.window.reset()  # so extending a finished run logs what one long run would
                     if final or (cfg.sample_every and self.step % cfg.sample_every == 0):

@@ -6,6 +6,7 @@ once training finished, model/ (the EMA network + diffusion.json, see `load_pipe
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -48,6 +49,27 @@ def _resume_state(config: Config, run_dir: Path) -> dict:
     if state["step"] > config.train.steps:
         raise ValueError(f"{path} is at step {state['step']}, beyond train.steps = {config.train.steps}")
     return state
+
+
+def write_provenance(run_dir: Path, trainer: Trainer) -> None:
+    """Beside the exported model: the resolved recipe and how long training took, so a model
+    folder (a shipped one too) says how it was made."""
+    import json
+    import platform
+
+    model_dir = run_dir / MODEL_DIR
+    shutil.copyfile(run_dir / CONFIG_FILE, model_dir / "recipe.toml")
+    last = trainer.records[-1] if trainer.records else {}
+    record = {
+        "steps": trainer.step,
+        "wall_seconds": last.get("train_s"),
+        "final_loss": last.get("loss"),
+        "world_size": trainer.dist.world_size,
+        "device": str(trainer.device),
+        "torch_threads": torch.get_num_threads(),
+        "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
+    }
+    (model_dir / "training.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
 
 
 def make_trainer(config: Config, run_dir: str | Path, dist: Dist | None = None) -> Trainer:
@@ -110,6 +132,7 @@ def run(
         trainer.fit()
         if dist.is_main:
             trainer.task.export(trainer.sampling_model(), run_dir / MODEL_DIR)
+            write_provenance(run_dir, trainer)
         dist.barrier()
         return run_dir
     finally:
