@@ -1,4 +1,4 @@
-"""scikit-learn digits: split sizes, stratification, pixel range and resizing."""
+"""The vendored UCI digits: the file itself, split sizes, stratification, pixel range and resizing."""
 
 import pytest
 import torch
@@ -6,12 +6,25 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from difflab.data.digits import (
+    DATA_FILE,
     NUM_IMAGES,
     DigitsDataset,
     _raw_digits,
     digit_labels,
     split_indices,
 )
+
+
+def test_the_vendored_file_is_the_uci_digits_set():
+    import hashlib
+
+    digest = hashlib.sha256(DATA_FILE.read_bytes()).hexdigest()
+    assert digest == "09f66e6debdee2cd2b5ae59e0d6abbb73fc2b0e0185d2e1957e9ebb51e23aa22"  # see DIGITS-NOTICE.md
+    images, labels = _raw_digits()
+    assert images.shape == (1797, 8, 8) and images.min() == 0 and images.max() == 16
+    assert torch.bincount(labels).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    assert int(images.sum()) == 561718
+    assert images[0, 0].tolist() == [0, 0, 5, 13, 9, 1, 0, 0]  # the first row of the first "0"
 
 
 def test_split_sizes_cover_everything_without_overlap():

@@ -8,8 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
 from difflab import __version__
 
 DEMO_MODEL = "digits-ddpm"
@@ -233,6 +231,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _demo_class_guided(args: argparse.Namespace, model: Path, path: Path) -> dict:
     """100 class-guided digits (ten of each class, DDIM-25) and how many the shipped digits
     classifier reads as the class asked for."""
+    import torch
+
     from difflab.eval.digits_classifier import load_digits_classifier
     from difflab.guidance import class_labels
     from difflab.viz import save_labelled_grid

@@ -1,7 +1,8 @@
-"""scikit-learn's 8x8 handwritten digits as a small, offline image data set.
+"""The UCI 8x8 handwritten digits as a small, offline image data set.
 
-Why: 1,797 tiny grey images ship inside scikit-learn, so training, samplers and tests have a
-real image set without any download. The images are resized once (bilinear, antialiased) and
+Why: 1,797 tiny grey images (57 KB, `digits.csv.gz` beside this file, see DIGITS-NOTICE.md)
+ship inside difflab, so training, samplers and tests have a real image set without any
+download or extra dependency. The images are resized once (bilinear, antialiased) and
 cached in memory per size.
 
 Split (fixed forever, independent of any option): stratified by class with a fixed seed
@@ -13,7 +14,9 @@ Pixels: raw values 0..16 map linearly to [-1, 1] (0 -> -1, 16 -> 1); the backgro
 -1 and stays -1 after resizing.
 """
 
+import gzip
 from functools import lru_cache
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -22,6 +25,7 @@ from torch.utils.data import Dataset
 
 from difflab.data.seeding import derive_seed
 
+DATA_FILE = Path(__file__).with_name("digits.csv.gz")
 SIZES = (8, 16, 32)
 SPLITS = ("train", "test", "all")
 NUM_IMAGES = 1797
@@ -34,11 +38,10 @@ CLASS_NAMES = tuple(str(d) for d in range(10))
 @lru_cache(maxsize=1)
 def _raw_digits() -> tuple[torch.Tensor, torch.Tensor]:
     """Raw images (N, 8, 8) float32 in 0..16 and labels (N,) int64, loaded once."""
-    from sklearn.datasets import load_digits  # imported lazily: slow import, data is in-package
-
-    bunch = load_digits()
-    images = torch.from_numpy(np.asarray(bunch.images, dtype=np.float32))
-    labels = torch.from_numpy(np.asarray(bunch.target, dtype=np.int64))
+    with gzip.open(DATA_FILE, "rt", encoding="ascii") as f:
+        table = np.loadtxt(f, delimiter=",", dtype=np.int64)
+    images = torch.from_numpy(table[:, :64].reshape(-1, 8, 8).astype(np.float32))
+    labels = torch.from_numpy(table[:, 64])
     return images, labels
 
 
