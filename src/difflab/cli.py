@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from difflab import __version__
@@ -72,6 +74,15 @@ def _output_dir(path: str | Path) -> Path:
         probe.unlink()
     except OSError as e:
         raise ValueError(f"--out {out} is not writable: {e.strerror or e}") from None
+    return out
+
+
+def _output_file(path: str | Path) -> Path:
+    """An output file's path, checked before any work: not a folder, in a writable folder."""
+    out = Path(path)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder; give a file name such as {out / 'metrics.json'}")
+    _output_dir(out.parent)
     return out
 
 
@@ -145,7 +156,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.nll and pipe.manifest.get("latent") is not None:  # refused before any sampling
         raise ValueError("--nll bounds the likelihood of pixels; a latent model's bound is on latents, not images")
     if args.out:
-        _output_dir(Path(args.out).parent)
+        _output_file(args.out)
     denoiser, cond = pipe.condition(args.n, args.guidance, args.label, guidance_scale=args.guidance_scale)
     settings = pipe.settings(args.sampler, args.steps, args.spacing, args.eta)
     metrics, _ = evaluate_digits(
@@ -166,16 +177,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-DEMO_PROMPTS = (
-    "a big red circle at the middle centre",
-    "a small blue square at the top left",
-    "a big green triangle at the bottom right",
-    "a small yellow circle at the top right",
-    "a big magenta square at the bottom left",
-    "a small cyan triangle at the middle centre",
-    "a big blue circle at the top centre",
-    "a small red square at the bottom centre",
-)
+JUDGE = "shapes-judge"  # the attribute classifier shipped beside the text-to-image model
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -185,7 +187,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from difflab.data.images import save_grid
     from difflab.eval.report import evaluate_digits, format_metrics
     from difflab.pipelines import shipped_models
-    from difflab.viz import save_labelled_grid
 
     out = _output_dir(args.out)
     shipped = shipped_models()
@@ -213,15 +214,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         metrics["class_guided"] = _demo_class_guided(args, shipped["digits-cfg"], out / "class-guided.png")
         wrote.append(out / "class-guided.png")
     if "shapes-text" in shipped:
-        cfg = _pipeline(args, shipped["shapes-text"])
-        started = time.perf_counter()
-        prompts = [DEMO_PROMPTS[i % len(DEMO_PROMPTS)] for i in range(2 * len(DEMO_PROMPTS))]
-        x = cfg.generate(len(prompts), steps=25, prompt=prompts, seed=args.seed, progress=True)
-        seconds = time.perf_counter() - started
-        save_labelled_grid(x, out / "text-guided.png", prompts, nrow=len(DEMO_PROMPTS))
-        metrics["text_guided"] = {"n": len(prompts), "steps": 25, "seconds": seconds}
-        print(f"[shapes-text] {len(prompts)} text-guided shapes (DDIM-25, w = {cfg.manifest['sample']['guidance']}) "
-              f"in {seconds:.1f} s")  # fmt: skip
+        metrics["text_guided"] = _demo_text_guided(args, shipped["shapes-text"], out / "text-guided.png")
         wrote.append(out / "text-guided.png")
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {', '.join(map(str, wrote))} and {out / 'metrics.json'}")
@@ -250,6 +243,28 @@ def _demo_class_guided(args: argparse.Namespace, model: Path, path: Path) -> dic
     print(f"[digits-cfg] {n} class-guided digits (DDIM-25, w = {w}) in {seconds:.1f} s: "
           f"{accuracy * 100:.0f}% read as the class asked for")  # fmt: skip
     return {"n": n, "steps": 25, "guidance": w, "accuracy": accuracy, "seconds": seconds}
+
+
+def _demo_text_guided(args: argparse.Namespace, model: Path, path: Path) -> dict:
+    """Shapes drawn from the captions of the first 16 test scenes (DDIM-25), and the share whose
+    every attribute (shape, colour, size, position) the shipped attribute classifier reads right."""
+    from difflab.eval.shapes import ShapesJudge
+    from difflab.pipelines.folder import shipped_root
+    from difflab.train.tasks import load_classifier
+    from difflab.viz import save_labelled_grid
+
+    pipe = _pipeline(args, model)
+    classifier, _ = load_classifier(shipped_root() / JUDGE)  # judged on the CPU, where samples return
+    judge = ShapesJudge.for_test_scenes(classifier, 16, size=pipe.output_shape[-1])
+    started = time.perf_counter()
+    x = pipe.generate(len(judge.prompts), steps=25, prompt=judge.prompts, seed=args.seed, progress=True)
+    seconds = time.perf_counter() - started
+    scores = judge(x)
+    save_labelled_grid(x, path, judge.prompts, nrow=8)
+    w = pipe.manifest["sample"]["guidance"]
+    print(f"[shapes-text] {len(x)} text-guided shapes (DDIM-25, w = {w}) in {seconds:.1f} s: "
+          f"{scores['accuracy'] * 100:.0f}% with every attribute of the prompt right")  # fmt: skip
+    return {"n": len(x), "steps": 25, "guidance": w, "seconds": seconds, **scores}
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -285,6 +300,14 @@ def non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
+    return value
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed, an integer in [0, 2**63 - 1]."""
+    value = non_negative_int(text)
+    if value >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1], got {text!r}")
     return value
 
 
@@ -329,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
         c.add_argument("--spacing", help=f"timestep spacing: {', '.join(SPACINGS)}, 'ddimS' or '10,15,20'")
         c.add_argument("--eta", type=finite_float, help="DDIM eta (0 = deterministic)")
         c.add_argument("--n", type=positive_int, default=n, help="number of samples")
-        c.add_argument("--seed", type=non_negative_int, default=0)
+        c.add_argument("--seed", type=seed_int, default=0)
         c.add_argument("--batch-size", type=positive_int, default=256, help="samples per network batch")
         device_args(c)
 
@@ -352,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: sample from the shipped models and report their metrics")
     d.add_argument("--out", default="out/demo")
     d.add_argument("--n", type=positive_int, default=200, help="unconditional digits to measure")
-    d.add_argument("--seed", type=non_negative_int, default=0)
+    d.add_argument("--seed", type=seed_int, default=0)
     d.add_argument("--train", action="store_true", help="retrain the shipped unconditional model from its recipe first")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="with --train")
     device_args(d)
@@ -368,6 +391,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _one_line_warnings(command: str):
+    """Warnings (a damaged checkpoint skipped, an unreadable image) as one line each, like errors."""
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        print(f"difflab {command}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():
+        warnings.showwarning = show
+        yield
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -375,7 +410,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     try:
-        return args.func(args)
+        with _one_line_warnings(args.command):
+            return args.func(args)
     except (ValueError, FileNotFoundError, ImportError) as e:  # bad input: a clear message, not a traceback
         print(f"difflab {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 SCHEDULE_NAMES = ("linear", "cosine", "scaled_linear", "sigmoid")
+MAX_T = 100_000  # steps of a chain (or noise levels of a ladder): a sanity limit, far beyond any model's
 # schedule config kinds: (required keys, optional keys)
 _CONFIG_KINDS = {
     "named": (("name",), ("T", "zero_terminal_snr", "s", "max_beta", "beta_start", "beta_end", "start", "end")),
@@ -36,8 +37,8 @@ def betas_from_alpha_bar(alpha_bar: Tensor) -> Tensor:
 
 
 def _check_T(T: int) -> int:
-    if not isinstance(T, int) or isinstance(T, bool) or T < 1:
-        raise ValueError(f"T (number of diffusion steps) must be an integer >= 1, got {T!r}")
+    if not isinstance(T, int) or isinstance(T, bool) or not 1 <= T <= MAX_T:
+        raise ValueError(f"T (number of diffusion steps) must be an integer >= 1 and <= {MAX_T}, got {T!r}")
     return T
 
 
@@ -124,8 +125,8 @@ class Schedule:
         config: dict | None = None,
     ):
         betas = torch.as_tensor(betas, dtype=torch.float64).flatten()
-        if betas.numel() < 1:
-            raise ValueError("a schedule needs T >= 1 betas, got an empty sequence")
+        if not 1 <= betas.numel() <= MAX_T:
+            raise ValueError(f"a schedule needs T >= 1 betas and at most {MAX_T}, got {betas.numel()}")
         bad = ~((betas > 0) & (betas < 1))
         bad[-1] = ~((betas[-1] > 0) & (betas[-1] <= 1))  # beta_T = 1 is zero terminal SNR
         if bad.any():

@@ -23,6 +23,7 @@ from difflab.data.images import pil_to_tensor
 EXTENSIONS = (".png", ".jpg", ".jpeg")
 ON_ERROR = ("skip", "raise")
 CHANNELS = (1, 3)
+MAX_SIZE = 4096  # a sanity limit: one 4096 x 4096 RGB image is 200 MB in float32
 
 
 def load_image(path: str | Path, size: int, channels: int) -> torch.Tensor:
@@ -84,8 +85,8 @@ class ImageFolderDataset(Dataset):
         root = Path(root)
         if not root.is_dir():
             raise ValueError(f"image folder root {str(root)!r} is not a directory")
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"size must be a positive int, got {size!r}")
+        if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
+            raise ValueError(f"size must be a positive int at most {MAX_SIZE}, got {size!r}")
         if channels not in CHANNELS:
             raise ValueError(f"channels must be one of {CHANNELS}, got {channels!r}")
         if on_error not in ON_ERROR:

@@ -1,11 +1,15 @@
-"""Derive stable integer seeds from tuples of keys (seed, split, index, ...).
+"""Seeds of generated data sets: (seed, split, index, ...) -> a stable integer seed.
 
 Why: generated sets must give the same item for the same (seed, index) forever, on any
-machine and any length of set. numpy's ``SeedSequence`` hashes a key tuple with a documented,
-version-stable algorithm, so we use it only as a hash and never rely on a distribution's stream.
+machine and any length of set; `derive_seed` (from `difflab.seeds`, where it lives so that
+inference code can use it without importing the data sets) hashes the keys.
 """
 
 import numpy as np
+
+from difflab.seeds import derive_seed, derive_words
+
+__all__ = ["SPLIT_CODES", "check_seed", "derive_seed", "derive_words", "split_code"]
 
 SPLIT_CODES = {"train": 0, "test": 1}
 
@@ -22,14 +26,3 @@ def split_code(split: str) -> int:
     if split not in SPLIT_CODES:
         raise ValueError(f"split must be one of {sorted(SPLIT_CODES)}, got {split!r}")
     return SPLIT_CODES[split]
-
-
-def derive_words(*keys: int, count: int = 1) -> np.ndarray:
-    """``count`` uint32 words that depend only on ``keys`` (all non-negative ints)."""
-    return np.random.SeedSequence([int(k) for k in keys]).generate_state(count, dtype=np.uint32)
-
-
-def derive_seed(*keys: int) -> int:
-    """One 63-bit seed for ``torch.Generator.manual_seed`` derived from ``keys``."""
-    hi, lo = (int(w) for w in derive_words(*keys, count=2))
-    return ((hi << 32) | lo) >> 1

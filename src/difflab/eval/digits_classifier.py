@@ -17,8 +17,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
+
+from difflab.tensorfiles import load_tensors
 
 SIZES = (16, 32)  # input sizes the architecture is meant for (and that ship pretrained)
 CONFIG_KEYS = ("size", "channels", "feature_dim", "num_classes")
@@ -127,7 +129,7 @@ def load_classifier(path: str | Path) -> DigitsClassifier:
         )
     config["channels"] = tuple(config["channels"])
     model = DigitsClassifier(**config)
-    state = load_file(str(weights_path))
+    state = load_tensors(weights_path)
     expected = model.state_dict()
     unexpected, absent = sorted(set(state) - set(expected)), sorted(set(expected) - set(state))
     if unexpected or absent:

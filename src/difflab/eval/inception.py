@@ -50,9 +50,9 @@ def inception_weights_path(weights_path: str | Path | None = None) -> Path:
 def read_state_dict(path: Path) -> dict[str, Tensor]:
     """Tensors of a .safetensors file, or of a .pth state dict read without unpickling code."""
     if path.suffix in SAFETENSORS_SUFFIXES:
-        from safetensors.torch import load_file
+        from difflab.tensorfiles import load_tensors
 
-        return load_file(str(path))
+        return load_tensors(path)
     state = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ValueError(f"{path} must hold a state dict (parameter name -> tensor), got {type(state).__name__}")

@@ -20,14 +20,22 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
+
+from difflab.tensorfiles import load_tensors, tensor_shapes
 
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 # Keys of config.json that describe the file rather than the network.
 _META_KEYS = ("class", "format_version", "dtype")
+# Sanity limits, far beyond any network difflab trains, so that a typo or a crafted config.json
+# is refused by name before anything is built (even on the meta device, each block costs time):
+MAX_CONFIG_INT = 1 << 16  # any width, size or count in a network config
+MAX_REPEATS = 32  # blocks built one after another: these fields, and the length of a list of ints
+REPEAT_FIELDS = ("depth", "num_res_blocks", "num_layers")
+MAX_PARAMETERS = 1 << 30  # 4 GiB of float32 weights
 
 NETWORKS: dict[str, type[ConfigModule]] = {}
 """Registry of network classes by class name, filled as each class is defined."""
@@ -49,7 +57,18 @@ class NetConfig:
             value = getattr(self, field.name)
             if isinstance(value, list):
                 object.__setattr__(self, field.name, tuple(value))
+        self._check_limits()
         self.validate()
+
+    def _check_limits(self) -> None:
+        """Refuse ints (and lists of ints) beyond the sanity limits, naming the key."""
+        for field in dataclasses.fields(self):
+            value, name = getattr(self, field.name), f"{type(self).__name__}.{field.name}"
+            if _is_int(value):
+                _check_at_most(name, value, MAX_REPEATS if field.name in REPEAT_FIELDS else MAX_CONFIG_INT)
+            elif isinstance(value, tuple) and value and all(_is_int(v) for v in value):
+                _check_at_most(f"the length of {name}", len(value), MAX_REPEATS)
+                _check_at_most(f"{name} entry", max(value), MAX_CONFIG_INT)
 
     def validate(self) -> None:
         """Raise ValueError for inconsistent settings; subclasses extend this."""
@@ -75,6 +94,15 @@ class NetConfig:
                 f"unknown {cls.__name__} keys {unknown}; allowed keys: {cls.field_names()}"
             )
         return cls(**data)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_at_most(name: str, value: int, limit: int) -> None:
+    if value > limit:
+        raise ValueError(f"{name} = {value} is too large: at most {limit} (a limit on network sizes)")
 
 
 def check_int(name: str, value: Any, minimum: int | None = None) -> None:
@@ -206,29 +234,33 @@ class ConfigModule(nn.Module):
         directory = Path(directory)
         header = read_config(directory)
         name = header["class"]
-        if cls is ConfigModule:
-            network_class = network_class_by_name(name)
-        elif name != cls.__name__:
+        if cls is not ConfigModule and name != cls.__name__:
             raise ValueError(
                 f"{directory / CONFIG_FILE} describes a {name!r}, not a {cls.__name__!r}; "
                 f"use {name}.from_pretrained or difflab.nets.load_network"
             )
-        else:
-            network_class = cls
-        model = network_class(_strip_meta(header))
         weights_path = directory / WEIGHTS_FILE
         if not weights_path.is_file():
             raise ValueError(f"missing weights file {weights_path}")
-        tensors = load_file(str(weights_path), device="cpu")
-        check_state_dict(model, tensors, source=str(weights_path))
-        if header.get("dtype") is not None:
-            model.to(_dtype_by_name(header["dtype"]))
+        try:  # the network planned on the meta device: a huge one is refused before any allocation
+            planned = plan_network(header)
+            dtype = None if header.get("dtype") is None else _dtype_by_name(header["dtype"])
+        except ValueError as error:
+            raise ValueError(f"{directory / CONFIG_FILE}: {error}") from None
+        # and the header's shapes against it: weights that do not fit are refused before loading
+        check_state_dict(planned, tensor_shapes(weights_path), source=str(weights_path))
+        model = network_class_by_name(name)(_strip_meta(header))
+        tensors = load_tensors(weights_path)
+        if dtype is not None:
+            model.to(dtype)
         model.load_state_dict(tensors, strict=True)
         return model.to(device).eval()
 
 
 def network_class_by_name(name: str) -> type[ConfigModule]:
     """Registered class ``name``; on a miss, import every difflab.nets module and look again."""
+    if not isinstance(name, str):
+        raise ValueError(f'a network "class" must be a class name such as "UNet", got {name!r}')
     failures = [] if name in NETWORKS else _import_network_modules()
     if name not in NETWORKS:
         note = f" (modules that failed to import: {failures})" if failures else ""
@@ -261,6 +293,37 @@ def build_network(config: Mapping[str, Any]) -> ConfigModule:
     return network_class_by_name(config["class"])(_strip_meta(config))
 
 
+def plan_network(config: Mapping[str, Any]) -> ConfigModule:
+    """The network `build_network(config)` would build, on the meta device: no memory and no
+    initialisation, so a config asking for a huge network fails at once. Refused beyond
+    MAX_PARAMETERS, naming the size settings that are larger than their defaults."""
+    with torch.device("meta"):
+        network = build_network(config)
+    count = sum(p.numel() for p in network.parameters())
+    if count > MAX_PARAMETERS:
+        raise ValueError(
+            f"this {type(network).__name__} would have {count:,} parameters ({count * 4 / 2**30:.1f} GiB in "
+            f"float32); at most {MAX_PARAMETERS:,} (a limit on network sizes): reduce "
+            + (", ".join(f"{k} = {v}" for k, v in _grown_sizes(network.config).items()) or "its widths")
+        )
+    return network
+
+
+def _grown_sizes(config: NetConfig) -> dict[str, Any]:
+    """The int (and list of int) settings of a config that are larger than their defaults."""
+    grown = {}
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        default = field.default if field.default_factory is dataclasses.MISSING else field.default_factory()
+        if _is_int(value) and _is_int(default) and value > default:
+            grown[field.name] = value
+        elif isinstance(value, tuple) and value and all(_is_int(v) for v in value):
+            default = tuple(default) if isinstance(default, list | tuple) else ()
+            if len(value) > len(default) or max(value) > max(default, default=0):
+                grown[field.name] = list(value)
+    return grown
+
+
 def load_network(directory: str | os.PathLike, *, device: str | torch.device = "cpu"):
     """Load any saved difflab network; same as ``ConfigModule.from_pretrained``."""
     return ConfigModule.from_pretrained(directory, device=device)
@@ -270,8 +333,10 @@ def read_config(directory: Path) -> dict[str, Any]:
     path = Path(directory) / CONFIG_FILE
     if not path.is_file():
         raise ValueError(f"missing {path}; expected a directory written by save_pretrained")
-    with open(path, encoding="utf-8") as handle:
-        header = json.load(handle)
+    try:
+        header = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"cannot read {path}: {error}") from None
     if not isinstance(header, dict) or "class" not in header:
         raise ValueError(f'{path} must be a JSON object with a "class" key')
     version = header.get("format_version")
@@ -282,8 +347,9 @@ def read_config(directory: Path) -> dict[str, Any]:
     return header
 
 
-def check_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
-    """Raise ValueError naming every missing, unexpected or wrongly shaped tensor."""
+def check_state_dict(model: nn.Module, tensors: Mapping[str, Any], source: str) -> None:
+    """Raise ValueError naming every missing, unexpected or wrongly shaped tensor; `tensors` maps
+    names to tensors or to shapes (a safetensors header's, `difflab.tensorfiles.tensor_shapes`)."""
     expected = model.state_dict()
     problems = []
     missing = sorted(set(expected) - set(tensors))
@@ -292,10 +358,12 @@ def check_state_dict(model: nn.Module, tensors: Mapping[str, torch.Tensor], sour
         problems.append(f"missing tensors {missing}")
     if unexpected:
         problems.append(f"unexpected tensors {unexpected}")
+    shapes = []
     for name in sorted(set(expected) & set(tensors)):
-        want, got = tuple(expected[name].shape), tuple(tensors[name].shape)
+        want, got = tuple(expected[name].shape), tuple(getattr(tensors[name], "shape", tensors[name]))
         if want != got:
-            problems.append(f"tensor {name!r} has shape {got}, expected {want}")
+            shapes.append(f"tensor {name!r} has shape {got}, expected {want}")
+    problems += shapes[:5] + ([f"and {len(shapes) - 5} more of other shapes"] if len(shapes) > 5 else [])
     if problems:
         raise ValueError(f"{source} does not match {type(model).__name__}: " + "; ".join(problems))
 

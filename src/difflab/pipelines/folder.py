@@ -23,6 +23,7 @@ Version 1 manifests (written before the pipelines package) are upgraded on read.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 MANIFEST_FILE = "diffusion.json"
@@ -37,6 +38,9 @@ KEY_ORDER = (
     "conditioning", "num_classes", "null_caption", "thresholding", "thresholding_limit", "sample", "data", "latent",
 )  # fmt: skip
 SAMPLE_DEFAULTS = {"sampler": "ddim", "steps": 50, "spacing": None, "n": 16, "eta": 0.0, "guidance": 0.0}
+# sanity limits, so that a crafted manifest is refused before anything is allocated
+MAX_MANIFEST_BYTES = 16 * 2**20
+MAX_SAMPLE_NUMEL = 1 << 24  # elements of one sample (3 x 2048 x 2048 is 12.6M)
 
 
 def shipped_root() -> Path:
@@ -82,8 +86,10 @@ def read_manifest(directory: str | Path) -> dict:
     """The manifest of a model folder, upgraded to the current version and checked."""
     path = Path(directory) / MANIFEST_FILE
     try:
+        if path.stat().st_size > MAX_MANIFEST_BYTES:
+            raise ValueError(f"it has {path.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may")
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise ValueError(f"cannot read {path}: {e}") from None
     if not isinstance(manifest, dict) or manifest.get("format") != MANIFEST_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
@@ -165,28 +171,62 @@ def check_manifest(manifest: dict, where: str | Path = MANIFEST_FILE) -> None:
             raise ValueError(f"{where} lacks the key {key!r}")
     components = manifest["components"]
     need(isinstance(components, dict) and DENOISER in components, "components", f"a dict with {DENOISER!r}")
+    need(isinstance(manifest["sample"], dict), "sample", "a dict of sampling defaults")
     for name, rel in components.items():
         parts = Path(str(rel)).parts
         if not isinstance(rel, str) or Path(rel).is_absolute() or ".." in parts:
             raise ValueError(f"{where}: component {name!r} must be a folder inside the model folder, got {rel!r}")
-    need(isinstance(manifest["schedule"], dict), "schedule", "a schedule config (Schedule.to_config())")
+    schedule = _manifest_schedule(manifest["schedule"], where)
     need(manifest["prediction"] in parameterizations(), "prediction", f"one of {', '.join(parameterizations())}")
-    shape = manifest["sample_shape"]
-    need(isinstance(shape, list) and len(shape) >= 1 and all(isinstance(d, int) and d >= 1 for d in shape),
-         "sample_shape", "a list of positive integers")  # fmt: skip
+    shape_rule = f"a list of positive ints, {MAX_SAMPLE_NUMEL} elements at most"
+    need(_is_shape(manifest["sample_shape"]), "sample_shape", shape_rule)
     need(manifest.get("conditioning") in CONDITIONINGS, "conditioning", "null, 'class' or 'text'")
     if manifest.get("conditioning") == "class":
         k = manifest.get("num_classes")
         need(isinstance(k, int) and k >= 1, "num_classes", "an integer >= 1 for a class-conditional model")
     need(manifest.get("thresholding", "none") in THRESHOLDINGS, "thresholding", f"one of {', '.join(THRESHOLDINGS)}")
-    need(isinstance(manifest["sample"], dict), "sample", "a dict of sampling defaults")
     need(isinstance(manifest.get("denoiser_options", {}), dict), "denoiser_options", "a dict of keyword options")
     if manifest.get("latent") is not None:
         need(AUTOENCODER in components, "components", f"an {AUTOENCODER!r} entry for a latent model")
+        image_shape = manifest["latent"].get("image_shape") if isinstance(manifest["latent"], dict) else None
+        need(_is_shape(image_shape), "latent", f"a dict whose image_shape is {shape_rule}")
+    _check_sample_defaults(manifest["sample"], schedule, where)
+
+
+def _is_shape(shape) -> bool:
+    """A list of positive ints with at most MAX_SAMPLE_NUMEL elements in all."""
+    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        return False
+    return min(shape) >= 1 and math.prod(shape) <= MAX_SAMPLE_NUMEL
+
+
+def _manifest_schedule(config, where):
+    """The schedule a manifest describes (T at most MAX_T: building it is cheap), or a clear error."""
+    from difflab.schedules import Schedule
+
+    try:
+        return Schedule.from_config(config)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: schedule is not a valid schedule config: {e}") from None
+
+
+def _check_sample_defaults(defaults: dict, schedule, where) -> None:
+    """The default sampler, steps, spacing and eta must sample with the model's schedule, so
+    that a plain `difflab sample` works."""
+    from difflab.samplers import sampling_plan
+
+    settings = {**SAMPLE_DEFAULTS, **defaults}
+    try:
+        sampling_plan(schedule, settings["sampler"], settings["steps"], settings["eta"], settings["spacing"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{where}: the default sampling settings {defaults} do not fit the model: {e}") from None
 
 
 def component_dir(directory: str | Path, manifest: dict, name: str) -> Path:
-    """The folder of a named component."""
+    """The folder of a named component, which must lie inside the model folder (links included)."""
     if name not in manifest["components"]:
         raise ValueError(f"the model in {directory} has no component {name!r}; it has {sorted(manifest['components'])}")
-    return Path(directory) / manifest["components"][name]
+    folder = Path(directory) / manifest["components"][name]
+    if folder.exists() and not folder.resolve().is_relative_to(Path(directory).resolve()):
+        raise ValueError(f"component {name!r} of {directory} leads outside the model folder (to {folder.resolve()})")
+    return folder

@@ -10,14 +10,19 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import Denoiser, device_of
+from difflab.seeds import derive_seed
+
+MAX_SEED = 2**63 - 1
 
 
 def sample_seeds(seed: int, n: int) -> list[int]:
     """The per-sample seeds of a run seeded with `seed`: sample i's noise comes from its own
-    generator, so a sample does not depend on the batch size or on n."""
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63 - n:
-        raise ValueError(f"seed must be an integer in [0, 2**63 - n), got {seed!r}")
-    return [seed + i for i in range(n)]
+    generator, so a sample does not depend on the batch size or on n. Each is a hash of
+    (seed, i), so the samples of two seeds never share noise (seed + i would: sample i + 1 of
+    seed 0 would be sample i of seed 1)."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"seed must be an integer in [0, 2**63 - 1], got {seed!r}")
+    return [derive_seed(seed, i) for i in range(n)]
 
 
 def sample_batched(

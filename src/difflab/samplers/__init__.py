@@ -24,6 +24,7 @@ from difflab.samplers.langevin import annealed_langevin, predictor_corrector
 from difflab.samplers.loop import Callback, Generators, SamplerLoop, check_generator, randn
 from difflab.samplers.ode import dpmpp_2m, euler, heun
 from difflab.samplers.timesteps import SPACINGS, get_timesteps, is_respacing_string, space_timesteps
+from difflab.schedules import Schedule
 
 SAMPLERS = {
     "ddpm": ddpm,
@@ -95,6 +96,7 @@ __all__ = [
     "resolve_sampler",
     "sample",
     "sampler_options",
+    "sampling_plan",
     "slerp",
     "space_timesteps",
 ]
@@ -126,20 +128,10 @@ def sample(
     the same count). `eta` is DDIM's; `generator` is a torch.Generator or a list of them, one
     per example, so an example does not depend on the batch size. `options` go to the sampler
     (ddpm: variance; langevin: n_steps, step_size, denoise; pc: snr, n_corrector, variance)."""
-    sampler, spacing = resolve_sampler(sampler, spacing)
-    eta = check_eta(eta)
-    if eta != 0.0:
-        if sampler != "ddim":
-            raise ValueError(f"eta applies only to sampler 'ddim', got eta={eta} with sampler {sampler!r}")
-        options["eta"] = eta
     shape = tuple(shape)
     denoiser.check_shape(shape)
     generator = check_generator(generator, shape[0])
-    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
-    if steps is None and not (isinstance(spacing, str) and is_respacing_string(spacing)):
-        raise ValueError(f"steps=None is allowed only with a respacing string, not with spacing {spacing!r}")
-    check_options(sampler, options)
-    timesteps = get_timesteps(denoiser.schedule, steps, spacing, rho=rho)
+    sampler, timesteps, options = sampling_plan(denoiser.schedule, sampler, steps, eta, spacing, rho=rho, **options)
     if x_T is None:
         x_T = randn(shape, generator, dtype=dtype or torch.get_default_dtype(), device=device)
     elif tuple(x_T.shape) != shape:
@@ -147,6 +139,33 @@ def sample(
     return SAMPLERS[sampler](
         denoiser, x_T, timesteps, generator=generator, callback=callback, cond=cond, progress=progress, **options
     )
+
+
+def sampling_plan(
+    schedule: Schedule,
+    sampler: str = "ddim",
+    steps: int | None = 50,
+    eta: float = 0.0,
+    spacing: str | None = None,
+    *,
+    rho: float = 7.0,
+    **options,
+) -> tuple[str, Tensor, dict]:
+    """What `sample` runs, checked without running it: (sampler, timesteps, its options) for a
+    sampler name or alias, steps, DDIM's eta, spacing and sampler options on `schedule`. Raises
+    ValueError for any that does not fit (eta with another sampler, steps beyond T, ...), so a
+    recipe or a model folder can be checked before any work."""
+    sampler, spacing = resolve_sampler(sampler, spacing)
+    eta = check_eta(eta)
+    if eta != 0.0:
+        if sampler != "ddim":
+            raise ValueError(f"eta applies only to sampler 'ddim', got eta={eta} with sampler {sampler!r}")
+        options["eta"] = eta
+    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
+    if steps is None and not (isinstance(spacing, str) and is_respacing_string(spacing)):
+        raise ValueError(f"steps=None is allowed only with a respacing string, not with spacing {spacing!r}")
+    check_options(sampler, options)
+    return sampler, get_timesteps(schedule, steps, spacing, rho=rho), options
 
 
 _COMMON = {"denoiser", "x_T", "timesteps", "generator", "callback", "cond", "progress"}

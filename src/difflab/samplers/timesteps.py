@@ -26,7 +26,7 @@ import math
 import torch
 from torch import Tensor
 
-from difflab.schedules import Schedule, geometric_sigmas, karras_sigmas
+from difflab.schedules import MAX_T, Schedule, geometric_sigmas, karras_sigmas
 
 SPACINGS = ("linspace", "trailing", "leading", "karras", "geometric")
 
@@ -84,7 +84,8 @@ def get_timesteps(
         if steps is not None and steps != len(kept):
             raise ValueError(f"spacing {spacing!r} keeps {len(kept)} steps but steps={steps}; pass steps=None")
         return torch.tensor(sorted(kept, reverse=True), dtype=torch.int64)
-    n = check_steps(steps, T)
+    fractional = spacing in ("karras", "geometric")  # levels between grid points: they may outnumber T
+    n = check_steps(steps, MAX_T, "a limit on sampler steps") if fractional else check_steps(steps, T)
     if spacing == "linspace":
         ts = [T - 1] if n == 1 else [int(math.floor(i * (T - 1) / (n - 1) + 0.5)) for i in range(n)]
     elif spacing == "trailing":
@@ -96,9 +97,9 @@ def get_timesteps(
     return torch.tensor(sorted(set(ts), reverse=True), dtype=torch.int64)
 
 
-def check_steps(steps: int | None, T: int) -> int:
+def check_steps(steps: int | None, T: int, limit: str = "the schedule's T") -> int:
     if not isinstance(steps, int) or isinstance(steps, bool) or not 1 <= steps <= T:
-        raise ValueError(f"steps must be an integer in [1, {T}] (the schedule's T), got {steps!r}")
+        raise ValueError(f"steps must be an integer in [1, {T}] ({limit}), got {steps!r}")
     return steps
 
 

@@ -5,6 +5,11 @@ state, under its path in the state tree such as ``optimizer/state/0/exp_avg``) a
 ``state.json`` (everything else, with ``{"__tensor__": key}`` where a tensor was). A folder
 is written under a temporary name, fsynced and renamed in one step, so a crash or a full disk
 never leaves a half-written ``ckpt-<step>``: discovery only ever sees complete checkpoints.
+
+A disk can still damage a finished one, so `load_checkpoint` verifies what it reads (the JSON,
+the safetensors header against the file's size, the keys a caller requires, finite floating
+tensors) and raises `CheckpointError` naming the file; `newest_readable` is what resuming
+uses: the newest checkpoint that verifies, with a warning for each newer one it skips.
 """
 
 from __future__ import annotations
@@ -14,12 +19,17 @@ import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
+
+from difflab.tensorfiles import TensorFileError, load_tensors
 
 FORMAT = "difflab-checkpoint"
 VERSION = 1
@@ -28,6 +38,15 @@ STATE_FILE = "state.json"
 CHECKPOINTS_DIR = "checkpoints"
 _NAME = re.compile(r"ckpt-(\d+)")
 _MARKERS = ("__tensor__", "__tuple__", "__items__")
+CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint set aside: no longer listed, never pruned
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, damaged or incomplete (the message names it)."""
+
+
+class CheckpointSkipped(UserWarning):
+    """A damaged checkpoint was passed over for an older one."""
 
 
 # ---------------------------------------------------------------- state tree <-> (JSON, tensors)
@@ -156,17 +175,92 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int | Non
     return final
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """The state tree saved by `save_checkpoint` (tensors on CPU)."""
+def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict:
+    """The state tree saved by `save_checkpoint` (tensors on CPU), verified: raises
+    CheckpointError (naming the file) for unreadable JSON, a damaged or truncated tensors file,
+    a missing `required` top-level key or a floating tensor that is not finite."""
     path = Path(path)
     state_path = path / STATE_FILE
     if not state_path.is_file():
-        raise ValueError(f"{path} is not a checkpoint: it has no {STATE_FILE}")
-    record = json.loads(state_path.read_text(encoding="utf-8"))
-    if record.get("format") != FORMAT or record.get("version") != VERSION:
-        raise ValueError(
-            f"{state_path} has format {record.get('format')!r} version {record.get('version')!r}; "
-            f"this difflab reads {FORMAT!r} version {VERSION}"
+        raise CheckpointError(f"{path} is not a checkpoint: it has no {STATE_FILE}")
+    try:
+        record = json.loads(state_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise CheckpointError(f"{state_path} cannot be read: {error}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT or record.get("version") != VERSION:
+        found = (record.get("format"), record.get("version")) if isinstance(record, dict) else type(record).__name__
+        raise CheckpointError(f"{state_path} has format/version {found!r}; this difflab reads {FORMAT!r} {VERSION}")
+    if checkpoint_step(path) is not None and record.get("step") != checkpoint_step(path):
+        raise CheckpointError(f"{state_path} says step {record.get('step')!r}, but the folder is {path.name}")
+    try:
+        state = join_tensors(record.get("state"), load_tensors(path / TENSORS_FILE))
+    except TensorFileError as error:
+        raise CheckpointError(str(error)) from None
+    except (ValueError, TypeError) as error:  # a state tree that does not fit its tensors
+        raise CheckpointError(f"{path}: {error}") from None
+    _check_state(path, state, tuple(required))
+    return state
+
+
+def _check_state(path: Path, state: Any, required: tuple[str, ...]) -> None:
+    if required and not isinstance(state, dict):
+        raise CheckpointError(f"{path / STATE_FILE} holds no state dict")
+    missing = [key for key in required if key not in state]
+    if missing:
+        raise CheckpointError(f"{path / STATE_FILE} lacks {missing}: the checkpoint is incomplete or damaged")
+    for key, tensor in _tensors(state):
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise CheckpointError(f"{path / TENSORS_FILE} holds non-finite values (NaN or inf) in {key!r}")
+
+
+def _tensors(tree: Any, path: str = "") -> Iterable[tuple[str, torch.Tensor]]:
+    """(path, tensor) for every tensor in a state tree."""
+    if isinstance(tree, torch.Tensor):
+        yield path, tree
+    elif isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _tensors(value, f"{path}/{key}" if path else str(key))
+    elif isinstance(tree, list | tuple):
+        for i, value in enumerate(tree):
+            yield from _tensors(value, f"{path}/{i}")
+
+
+@dataclass
+class Found:
+    """What `newest_readable` found: the checkpoint, its state, and the newer ones it skipped."""
+
+    path: Path
+    state: dict
+    skipped: list[Path] = field(default_factory=list)
+
+
+def newest_readable(run_dir: str | Path, required: Iterable[str] = ()) -> Found | None:
+    """The newest checkpoint of a run that verifies (`load_checkpoint`), warning (CheckpointSkipped)
+    for each newer one that does not; None if the run has no checkpoint. Raises CheckpointError,
+    listing every problem, when it has checkpoints but none verifies. Deletes nothing."""
+    problems = []
+    for path in reversed(list_checkpoints(run_dir)):
+        try:
+            return Found(path, load_checkpoint(path, required), [p for p, _ in problems])
+        except CheckpointError as error:
+            warnings.warn(f"skipping the damaged checkpoint {path}: {error}", CheckpointSkipped, stacklevel=2)
+            problems.append((path, str(error)))
+    if problems:
+        raise CheckpointError(
+            f"none of the {len(problems)} checkpoints of {run_dir} can be read: "
+            + "; ".join(message for _, message in problems)
+            + ". Move them away to train it again from the start"
         )
-    tensors = load_file(str(path / TENSORS_FILE), device="cpu")
-    return join_tensors(record["state"], tensors)
+    return None
+
+
+def set_aside(path: str | Path) -> Path:
+    """Rename a damaged checkpoint to ckpt-<step>.corrupt (kept for inspection, never listed, so
+    a resumed run writes that step afresh and pruning never counts it)."""
+    path = Path(path)
+    target = path.with_name(path.name + CORRUPT_SUFFIX)
+    n = 1
+    while target.exists():
+        target, n = path.with_name(f"{path.name}{CORRUPT_SUFFIX}-{n}"), n + 1
+    os.rename(path, target)
+    return target

@@ -20,7 +20,7 @@ from typing import Any
 
 from difflab.losses import LOSS_TYPES, WEIGHTINGS
 from difflab.process import PREDICTION_TYPES, VARIANCE_TYPES
-from difflab.schedules import SCHEDULE_NAMES
+from difflab.schedules import MAX_T, SCHEDULE_NAMES
 
 PRECISIONS = ("fp32", "bf16")
 BAD_IMAGE_POLICIES = ("raise", "skip")
@@ -42,6 +42,8 @@ RESUMABLE_CHANGES = (
     "sample.thresholding",
 )
 THRESHOLDING_CHOICES = ("auto", "none", "static", "dynamic")
+FLOAT32_MAX = 3.4028234663852886e38  # every float of a recipe must be a finite float32: lr = 1e39 overflows
+MAX_GRID = 10_000  # sample.n: samples drawn for a sample grid (a sanity limit)
 
 
 def _require(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -70,7 +72,7 @@ class DiffusionConfig:
 
     def validate(self) -> None:
         _choice("diffusion.schedule", self.schedule, SCHEDULE_NAMES)
-        _require(self.T >= 1, "diffusion.T", self.T, "an int >= 1")
+        _require(1 <= self.T <= MAX_T, "diffusion.T", self.T, f"an int in [1, {MAX_T}]")
         _choice("diffusion.prediction", self.prediction, PREDICTION_TYPES)
         _choice("diffusion.variance", self.variance, VARIANCE_TYPES)
         _choice("diffusion.loss_type", self.loss_type, LOSS_TYPES)
@@ -161,8 +163,11 @@ class SampleConfig:
         spacing_ok = self.spacing in ("", *SPACINGS) or is_respacing_string(self.spacing)
         _require(spacing_ok, "sample.spacing", self.spacing, f'"" (the default), {", ".join(SPACINGS)} or "ddimS"')
         _require(self.steps >= 1, "sample.steps", self.steps, "an int >= 1")
-        _require(self.n >= 1, "sample.n", self.n, "an int >= 1")
+        _require(1 <= self.n <= MAX_GRID, "sample.n", self.n, f"an int in [1, {MAX_GRID}]")
         _require(self.eta >= 0, "sample.eta", self.eta, "a number >= 0")
+        sampler = SAMPLER_ALIASES.get(self.sampler, (self.sampler,))[0]
+        _require(self.eta == 0 or sampler == "ddim", "sample.eta", self.eta,
+                 f'0 with sampler "{self.sampler}" (eta is DDIM\'s only)')  # fmt: skip
         _require(math.isfinite(self.guidance), "sample.guidance", self.guidance, "a finite number")
         _require(
             self.thresholding in THRESHOLDING_CHOICES, "sample.thresholding", self.thresholding,
@@ -236,9 +241,10 @@ class ConsistencyConfig:
         from difflab.methods.consistency import DISTANCES, LEVEL_SAMPLINGS
         from difflab.methods.consistency import WEIGHTINGS as CM_WEIGHTINGS
 
-        _require(self.levels >= 2, "consistency.levels", self.levels, "an int >= 2")
+        _require(2 <= self.levels <= MAX_T, "consistency.levels", self.levels, f"an int in [2, {MAX_T}]")
         _choice("consistency.curriculum", self.curriculum, CONSISTENCY_CURRICULA)
-        _require(self.s0 >= 0 and self.s1 >= 0, "consistency.s0/s1", (self.s0, self.s1), "ints >= 0")
+        _require(0 <= min(self.s0, self.s1) and max(self.s0, self.s1) <= MAX_T, "consistency.s0/s1",
+                 (self.s0, self.s1), f"ints in [0, {MAX_T}]")  # fmt: skip
         _require(self.curriculum_steps >= 0, "consistency.curriculum_steps", self.curriculum_steps, "an int >= 0")
         _require(0.0 <= self.target_ema < 1.0, "consistency.target_ema", self.target_ema, "a number in [0, 1)")
         _choice("consistency.distance", self.distance, DISTANCES)
@@ -311,6 +317,7 @@ def _build_section(name: str, kind: type, values: Any):
 def _check_type(key: str, value: Any, expected: Any) -> Any:
     """Return `value` as `expected` (int -> float is the only conversion) or raise."""
     if expected is float and isinstance(value, int | float) and not isinstance(value, bool):
+        _require(abs(value) <= FLOAT32_MAX, key, value, "a finite number that fits float32 (|x| <= 3.4e38)")
         return float(value)
     if expected in (int, bool, str) and type(value) is expected:
         return value

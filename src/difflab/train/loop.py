@@ -36,10 +36,13 @@ from difflab.train.tasks import Task
 from difflab.train.tasks.frozen import check_unchanged, freeze
 
 STEP_STREAM, SAMPLE_STREAM = 0, 2  # derive_seed(seed, stream, ...): independent streams of draws
+# what `Trainer.load_state_dict` reads: a checkpoint lacking one of them cannot be resumed
+STATE_KEYS = ("step", "data", "config", "model", "ema", "optimizer", "scheduler", "task", "rng", "log_window")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss or gradient became NaN/inf; the weights of that step were not applied."""
+    """The loss or gradient became NaN/inf (the update was not applied), or a weight did after
+    the update; either way nothing of that step is saved or exported."""
 
 
 class TrainingInterrupted(Exception):
@@ -192,6 +195,7 @@ class Trainer:
         self.stop_agreed = packed[-1] > 0
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
+        self._check_weights(stats["lr"])
         self.scheduler.step()
         if self.ema is not None:
             self.ema.update(self.model)
@@ -200,6 +204,19 @@ class Trainer:
             with torch.no_grad():
                 self.after_step(self.model, self.step)
         return stats
+
+    def _check_weights(self, lr: float) -> None:
+        """After the update: a weight that is not finite (an overflowing learning rate, a damaged
+        optimizer state) stops the run before anything of this step is saved or exported."""
+        named = list(self.model.named_parameters())
+        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+        if not bool(finite.all()):
+            name = named[int((~finite).nonzero()[0])][0]
+            raise TrainingDiverged(
+                f"training diverged at step {self.step + 1}: the weight {name!r} is not finite (NaN or inf) after "
+                f"the optimizer update (lr = {lr:g}); nothing of this step was saved. "
+                f"Last good checkpoint: {latest_checkpoint(self.run_dir) or 'none'}"
+            )
 
     # ---------------------------------------------------------------- the loop
     def fit(self) -> None:
