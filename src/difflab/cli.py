@@ -13,6 +13,7 @@ from pathlib import Path
 from difflab import __version__
 
 DEMO_MODEL = "digits-ddpm"
+DEMO_STEPS = 20  # DDIM steps of every demo grid: the whole demo stays well under a minute on 2 cores
 
 
 def cmd_schedules(args: argparse.Namespace) -> int:
@@ -199,7 +200,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         model = run_dir
     pipe = _pipeline(args, model)
     denoiser, _ = pipe.condition(args.n)
-    metrics, samples = evaluate_digits(denoiser, "ddim", 50, n=args.n, seed=args.seed, progress=True)
+    metrics, samples = evaluate_digits(denoiser, "ddim", DEMO_STEPS, n=args.n, seed=args.seed, progress=True)
     save_grid(samples[:100], out / "samples.png", nrow=10)
     recorded = model / "metrics.json"
     if recorded.is_file() and not args.train:
@@ -222,7 +223,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _demo_class_guided(args: argparse.Namespace, model: Path, path: Path) -> dict:
-    """100 class-guided digits (ten of each class, DDIM-25) and how many the shipped digits
+    """50 class-guided digits (five of each class) and how many the shipped digits
     classifier reads as the class asked for."""
     import torch
 
@@ -231,22 +232,22 @@ def _demo_class_guided(args: argparse.Namespace, model: Path, path: Path) -> dic
     from difflab.viz import save_labelled_grid
 
     pipe = _pipeline(args, model)
-    n, started = 100, time.perf_counter()
+    n, started = 50, time.perf_counter()
     labels = class_labels(n, pipe.manifest["num_classes"])
-    x = pipe.generate(n, steps=25, seed=args.seed, progress=True)
+    x = pipe.generate(n, steps=DEMO_STEPS, seed=args.seed, progress=True)
     seconds = time.perf_counter() - started
     classifier = load_digits_classifier(x.shape[-1])
     with torch.no_grad():
         accuracy = (classifier(x).argmax(1) == labels).float().mean().item()
     save_labelled_grid(x, path, [str(int(y)) for y in labels], nrow=10, min_size=32)
     w = pipe.manifest["sample"]["guidance"]
-    print(f"[digits-cfg] {n} class-guided digits (DDIM-25, w = {w}) in {seconds:.1f} s: "
+    print(f"[digits-cfg] {n} class-guided digits (DDIM-{DEMO_STEPS}, w = {w}) in {seconds:.1f} s: "
           f"{accuracy * 100:.0f}% read as the class asked for")  # fmt: skip
-    return {"n": n, "steps": 25, "guidance": w, "accuracy": accuracy, "seconds": seconds}
+    return {"n": n, "steps": DEMO_STEPS, "guidance": w, "accuracy": accuracy, "seconds": seconds}
 
 
 def _demo_text_guided(args: argparse.Namespace, model: Path, path: Path) -> dict:
-    """Shapes drawn from the captions of the first 16 test scenes (DDIM-25), and the share whose
+    """Shapes drawn from the captions of the first 16 test scenes, and the share whose
     every attribute (shape, colour, size, position) the shipped attribute classifier reads right."""
     from difflab.eval.shapes import ShapesJudge
     from difflab.pipelines.folder import shipped_root
@@ -257,14 +258,14 @@ def _demo_text_guided(args: argparse.Namespace, model: Path, path: Path) -> dict
     classifier, _ = load_classifier(shipped_root() / JUDGE)  # judged on the CPU, where samples return
     judge = ShapesJudge.for_test_scenes(classifier, 16, size=pipe.output_shape[-1])
     started = time.perf_counter()
-    x = pipe.generate(len(judge.prompts), steps=25, prompt=judge.prompts, seed=args.seed, progress=True)
+    x = pipe.generate(len(judge.prompts), steps=DEMO_STEPS, prompt=judge.prompts, seed=args.seed, progress=True)
     seconds = time.perf_counter() - started
     scores = judge(x)
     save_labelled_grid(x, path, judge.prompts, nrow=8)
     w = pipe.manifest["sample"]["guidance"]
-    print(f"[shapes-text] {len(x)} text-guided shapes (DDIM-25, w = {w}) in {seconds:.1f} s: "
+    print(f"[shapes-text] {len(x)} text-guided shapes (DDIM-{DEMO_STEPS}, w = {w}) in {seconds:.1f} s: "
           f"{scores['accuracy'] * 100:.0f}% with every attribute of the prompt right")  # fmt: skip
-    return {"n": len(x), "steps": 25, "guidance": w, "seconds": seconds, **scores}
+    return {"n": len(x), "steps": DEMO_STEPS, "guidance": w, "seconds": seconds, **scores}
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -374,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("demo", help="the main job: sample from the shipped models and report their metrics")
     d.add_argument("--out", default="out/demo")
-    d.add_argument("--n", type=positive_int, default=200, help="unconditional digits to measure")
+    d.add_argument("--n", type=positive_int, default=100, help="unconditional digits to measure")
     d.add_argument("--seed", type=seed_int, default=0)
     d.add_argument("--train", action="store_true", help="retrain the shipped unconditional model from its recipe first")
     d.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="with --train")
