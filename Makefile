@@ -9,10 +9,10 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	@# the CPU build of torch first, so that `torch>=2.3` is already met (a bare `torch` pulls a CUDA build)
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e ".[dev]"
+	@# the CPU build of torch first, so that `torch>=2.3` is already met (a bare `torch` pulls a CUDA build);
+	@# --no-compile: Python compiles what it imports on first use, instead of all of torch now
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile torch==2.13.0
+	$(PY) -m pip install -q --no-compile -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
