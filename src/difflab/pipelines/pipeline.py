@@ -88,12 +88,19 @@ class Pipeline:
     def settings(
         self, sampler: str | None = None, steps: int | None = None, spacing: str | None = None, eta: float | None = None
     ) -> dict:
-        """The sampler settings of a call: what is given, else the model's defaults."""
+        """The sampler settings of a call: what is given, else the model's defaults; an alias
+        such as "dpmpp_2m_karras" becomes its sampler and spacing."""
+        from difflab.samplers import resolve_sampler
+
         defaults = self.manifest["sample"]
+        sampler, spacing = resolve_sampler(
+            sampler if sampler is not None else defaults["sampler"],
+            spacing if spacing is not None else defaults.get("spacing"),
+        )
         return {
-            "sampler": sampler if sampler is not None else defaults["sampler"],
+            "sampler": sampler,
             "steps": steps if steps is not None else defaults["steps"],
-            "spacing": spacing if spacing is not None else defaults.get("spacing"),
+            "spacing": spacing,
             "eta": eta if eta is not None else defaults.get("eta", 0.0),
         }
 
