@@ -90,7 +90,7 @@ def test_out_of_range_sampling_values_are_refused_not_replaced(tmp_path, capsys)
         ("--steps", "0", "argument --steps: must be an integer >= 1, got '0'"),
         ("--steps", "-3", "argument --steps: must be an integer >= 1, got '-3'"),
         ("--n", "0", "argument --n: must be an integer >= 1, got '0'"),
-        ("--seed", "-1", "argument --seed: must be an integer >= 0, got '-1'"),
+        ("--seed", "-1", "argument --seed: must be an integer in [0, 2**63 - 1], got '-1'"),
         ("--guidance", "nan", "argument --guidance: must be a finite number, got 'nan'"),
         ("--eta", "inf", "argument --eta: must be a finite number, got 'inf'"),
     ]:

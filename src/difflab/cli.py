@@ -283,33 +283,24 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (never silently replaced by a default)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return value
+def int_in(low: int, high: int | None = None, high_text: str | None = None):
+    """An argparse type: an integer in [low, high] (never silently replaced by a default)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high_text or high}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"must be {allowed}, got {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
-
-
-def seed_int(text: str) -> int:
-    """argparse type: a seed, an integer in [0, 2**63 - 1]."""
-    value = non_negative_int(text)
-    if value >= 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer in [0, 2**63 - 1], got {text!r}")
-    return value
+positive_int, non_negative_int = int_in(1), int_in(0)
+seed_int = int_in(0, 2**63 - 1, "2**63 - 1")
 
 
 def finite_float(text: str) -> float:
