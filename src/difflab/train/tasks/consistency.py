@@ -25,6 +25,7 @@ from difflab.schedules import Schedule
 from difflab.train.config import Config
 from difflab.train.distributed import Dist
 from difflab.train.tasks.conditions import drop_labels
+from difflab.train.tasks.diffusion import resolved_thresholding
 from difflab.train.tasks.teachers import check_teacher_data, load_teacher, teacher_condition, trainable_copy
 
 if TYPE_CHECKING:
@@ -137,8 +138,7 @@ class ConsistencyTask:
 
     @property
     def thresholding(self) -> str:
-        kind = self.config.sample.thresholding
-        return ("static" if len(self.data.sample_shape) == 3 else "none") if kind == "auto" else kind
+        return resolved_thresholding(self.config.sample.thresholding, self.data.sample_shape)
 
     def extra_state(self) -> dict:
         return {"target": self.target.state_dict()}

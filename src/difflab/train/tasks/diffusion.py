@@ -28,6 +28,14 @@ if TYPE_CHECKING:
 LATENT_DIR = "autoencoder"  # inside a latent pipeline folder
 
 
+def resolved_thresholding(kind: str, sample_shape: tuple[int, ...]) -> str:
+    """sample.thresholding resolved: "auto" is static clipping for images (latents too, at a
+    bound for unit variance: thresholding_limit), none for vectors."""
+    if kind == "auto":
+        return "static" if len(sample_shape) == 3 else "none"
+    return kind
+
+
 class SharedTimesteps:
     """Every process records every process's (t, loss) in rank order, so the importance
     sampler's history (and the checkpoint rank 0 writes) is the same on all ranks."""
@@ -117,11 +125,7 @@ class DiffusionTask:
 
     @property
     def thresholding(self) -> str:
-        """sample.thresholding resolved: "auto" is static clipping for images, none for vectors."""
-        kind = self.config.sample.thresholding
-        if kind == "auto":  # latents are clipped too, at a bound for unit variance (thresholding_limit)
-            return "static" if len(self.data.sample_shape) == 3 else "none"
-        return kind
+        return resolved_thresholding(self.config.sample.thresholding, self.data.sample_shape)
 
     def extra_state(self) -> dict:
         return {"timesteps": self.objective.timesteps.state_dict()}

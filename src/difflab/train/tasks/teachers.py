@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from difflab.denoiser import Denoiser
@@ -46,6 +45,3 @@ def teacher_condition(manifest: dict, batch: dict) -> dict | None:
         raise ValueError(f"distilling a {manifest['conditioning']}-conditional teacher is not supported yet")
     return None
 
-
-def sample_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
