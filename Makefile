@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 
 .PHONY: install demo test lint bench clean
 
@@ -12,19 +13,25 @@ $(STAMP): pyproject.toml
 	@# the CPU build of torch first, so that `torch>=2.3` is already met (a bare `torch` pulls a CUDA build);
 	@# --no-compile: Python compiles what it imports on first use, instead of all of torch now
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q --no-compile torch==2.13.0
-	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	$(PY) -m pip install -q --no-compile -e .
 	touch $(STAMP)
+
+# the test tools (pytest, ruff, diffusers for the interop tests, selenium for the browser test):
+# only `make test` needs them, so `make demo` stays a small install
+$(DEV_STAMP): $(STAMP)
+	$(PY) -m pip install -q --no-compile -e ".[dev]"
+	touch $(DEV_STAMP)
 
 install: $(STAMP)
 
 demo: install
 	$(VENV)/bin/difflab demo --out out/demo
 
-test: install
+test: $(DEV_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -n 2 --durations=15
 
-lint: install
+lint: $(DEV_STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks
 
 bench: install

@@ -1,4 +1,4 @@
-"""The `difflab` command: train | sample | eval | demo | models | schedules."""
+"""The `difflab` command: train | sample | eval | demo | models | export | serve | schedules."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from difflab import __version__
 
 DEMO_MODEL = "digits-ddpm"
+FAST_MODEL = "digits-cd"  # the shipped one-step model (consistency-distilled from DEMO_MODEL)
 DEMO_STEPS = 20  # DDIM steps of every demo grid: the whole demo stays well under a minute on 2 cores
 
 
@@ -154,8 +155,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     data = pipe.manifest.get("data", {}).get("name", "unknown data")
     if data != "digits":
         raise ValueError(f"difflab eval measures digits models; {args.model} was trained on {data}")
-    if args.nll and pipe.manifest.get("latent") is not None:  # refused before any sampling
-        raise ValueError("--nll bounds the likelihood of pixels; a latent model's bound is on latents, not images")
+    if args.likelihood and pipe.manifest.get("latent") is not None:  # refused before any sampling
+        raise ValueError("--likelihood scores pixels; a latent model's density is on latents, not images")
+    if args.likelihood and pipe.manifest.get("conditioning") is not None:
+        raise ValueError("--likelihood scores unconditional models (p(x)); this model is conditional")
     if args.out:
         _output_file(args.out)
     denoiser, cond = pipe.condition(args.n, args.guidance, args.label, guidance_scale=args.guidance_scale)
@@ -163,15 +166,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     metrics, _ = evaluate_digits(
         denoiser, n=args.n, seed=args.seed, cond=cond, progress=True, decode=pipe.decoder, **settings
     )
-    if args.nll:
-        from difflab.data.digits import DigitsDataset
-        from difflab.eval.metrics import nll_bpd
+    if args.likelihood:
+        from difflab.eval.likelihood import bits_per_dim, eight_bit_test_digits
 
-        test = DigitsDataset("test", size=pipe.manifest["sample_shape"][-1]).images
-        metrics["nll_bits_per_dim"] = nll_bpd(pipe.denoiser, test, batch_size=300, progress=True)
+        test = eight_bit_test_digits(pipe.manifest["sample_shape"][-1], args.likelihood_n)
+        tol = {"rtol": args.ode_tol, "atol": args.ode_tol}
+        metrics["likelihood"] = bits_per_dim(pipe.denoiser, test, args.likelihood, seed=args.seed, progress=True, **tol)
     print(format_metrics(metrics))
-    if "nll_bits_per_dim" in metrics:
-        print(f"NLL bound on the test digits: {metrics['nll_bits_per_dim']:.3f} bits/dim")
+    if "likelihood" in metrics:
+        m = metrics["likelihood"]
+        print(f"{m['method'].upper()} bits/dim of {m['num_images']} test digits (8-bit): {m['bits_per_dim']:.3f} "
+              f"+- {m['sem']:.3f} ({len(m['per_repeat'])} repeats, {m['seconds']:.0f} s)")  # fmt: skip
     if args.out:
         Path(args.out).write_text(json.dumps(metrics, indent=2) + "\n")
         print(f"wrote {args.out}")
@@ -211,6 +216,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  NLL bound on the test digits (recorded by benchmarks/digits.py): "
               f"{metrics['recorded']['nll_bits_per_dim']:.3f} bits/dim")  # fmt: skip
     wrote = [out / "samples.png"]
+    if FAST_MODEL in shipped:
+        metrics["one_step"] = _demo_one_step(args, shipped[FAST_MODEL], out / "one-step.png", metrics)
+        wrote.append(out / "one-step.png")
     if "digits-cfg" in shipped:
         metrics["class_guided"] = _demo_class_guided(args, shipped["digits-cfg"], out / "class-guided.png")
         wrote.append(out / "class-guided.png")
@@ -220,6 +228,25 @@ def cmd_demo(args: argparse.Namespace) -> int:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     print(f"wrote {', '.join(map(str, wrote))} and {out / 'metrics.json'}")
     return 0
+
+
+def _demo_one_step(args: argparse.Namespace, model: Path, path: Path, teacher: dict) -> dict:
+    """The same number of digits in ONE network evaluation from the shipped consistency model,
+    its metrics and its time beside the teacher's DDIM grid."""
+    from difflab.data.images import save_grid
+    from difflab.eval.report import evaluate_digits, format_metrics
+
+    pipe = _pipeline(args, model)
+    denoiser, _ = pipe.condition(args.n)
+    pipe.generate(4, steps=1)  # warm-up: the first call pays for lazy initialisation
+    metrics, samples = evaluate_digits(denoiser, "consistency", 1, n=args.n, seed=args.seed, spacing="trailing")
+    save_grid(samples[:100], path, nrow=10)
+    speedup = teacher["sampling_seconds"] / max(metrics["sampling_seconds"], 1e-9)
+    print(f"[{FAST_MODEL}] one-step digits (consistency distillation of {DEMO_MODEL}):")
+    print("  " + format_metrics(metrics))
+    print(f"  {args.n} digits in {metrics['sampling_seconds']:.2f} s (1 step) vs {teacher['sampling_seconds']:.2f} s "
+          f"(DDIM-{DEMO_STEPS}): {speedup:.0f}x faster")  # fmt: skip
+    return metrics
 
 
 def _demo_class_guided(args: argparse.Namespace, model: Path, path: Path) -> dict:
@@ -268,6 +295,13 @@ def _demo_text_guided(args: argparse.Namespace, model: Path, path: Path) -> dict
     return {"n": len(x), "steps": DEMO_STEPS, "guidance": w, "seconds": seconds, **scores}
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    """A local web page over the models (every shipped one by default), until Ctrl-C."""
+    from difflab.serve import serve
+
+    return serve(args.model, host=args.host, port=args.port, device=args.device, dtype=args.dtype)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     """The shipped models: name, what conditions them, sample shape, size and recipe."""
     from difflab.pipelines import read_manifest, shipped_models
@@ -280,6 +314,29 @@ def cmd_models(args: argparse.Namespace) -> int:
         default = f"{s['sampler']}-{s['steps']}" + (f", w = {s['guidance']}" if m.get("conditioning") else "")
         print(f"{name:<16}{m.get('conditioning') or 'none':<14}{'x'.join(map(str, m['sample_shape'])):<14}"
               f"{m['prediction']:<12}{default:<26}{size:.1f} MB")  # fmt: skip
+    return 0
+
+
+EXPORT_FORMATS = ("difflab", "diffusers")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Write a model (shipped name, run, model folder or diffusers folder) as a difflab model
+    folder or a diffusers folder, with its model card."""
+    from difflab.interop import export_diffusers, import_diffusers, is_diffusers_folder
+    from difflab.pipelines import MANIFEST_FILE, Pipeline
+
+    out, source = Path(args.out), Path(args.model)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; give a new one")
+    _output_dir(out)
+    if args.format == "diffusers":
+        export_diffusers(args.model, out)
+    elif source.is_dir() and is_diffusers_folder(source) and not (source / MANIFEST_FILE).is_file():
+        import_diffusers(source, out)  # the converter: the denoiser at the folder's top, as difflab writes it
+    else:
+        Pipeline.from_pretrained(args.model, device="cpu").save_pretrained(out)
+    print(f"wrote {out} ({args.format} model folder with README.md model card)")
     return 0
 
 
@@ -360,7 +417,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="measure a digits model: digits FD, confident share, class histogram")
     sampling_args(e, 300)
-    e.add_argument("--nll", action="store_true", help="also the NLL bound on the test split (T network calls)")
+    e.add_argument("--likelihood", choices=("vlb", "ode"), help="also bits/dim of the (8-bit) test digits: vlb = "
+                   "the variational bound (T network calls per image), ode = exact through the probability-flow ODE")
+    e.add_argument("--nll", action="store_const", const="vlb", dest="likelihood", help="the same as --likelihood vlb")
+    e.add_argument("--likelihood-n", type=positive_int, help="test digits to score (default: all 297)")
+    e.add_argument("--ode-tol", type=float, default=1e-5, help="rtol = atol of the ODE's adaptive solver")
     e.add_argument("--out", help="write the metrics as JSON here")
     e.set_defaults(func=cmd_eval)
 
@@ -375,6 +436,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the shipped models")
     m.set_defaults(func=cmd_models)
+
+    x = sub.add_parser("export", help="write a model as a difflab or diffusers folder, with a model card")
+    x.add_argument("model", help="shipped name, run folder, model folder or diffusers folder")
+    x.add_argument("--out", required=True, help="a new folder")
+    x.add_argument("--format", choices=EXPORT_FORMATS, default="difflab",
+                   help="difflab (default) or diffusers (unet/ + scheduler/ + model_index.json)")  # fmt: skip
+    x.set_defaults(func=cmd_export)
+
+    v = sub.add_parser("serve", help="a local web page to sample from models (http://127.0.0.1:8000/)")
+    v.add_argument("model", nargs="*", help="run folders, model folders or shipped names (default: every shipped one)")
+    v.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    v.add_argument("--port", type=int_in(0, 65535), default=8000, help="port (0: any free one)")
+    device_args(v)
+    v.set_defaults(func=cmd_serve)
 
     c = sub.add_parser("schedules", help="print the noise schedules and plot alpha_bar and log-SNR (PNG)")
     c.add_argument("--T", type=int, default=1000)

@@ -30,6 +30,7 @@ from difflab.schedules import broadcast
 
 GUIDANCE_MODES = ("score", "mean_shift")
 NULL_CAPTION = ""  # the empty caption is the null condition of text-conditional models
+GUIDANCE_INPUT = "w"  # the cond key of a guidance-distilled network's guidance weight
 
 
 def check_scale(scale: float) -> float:
@@ -141,18 +142,50 @@ class ClassifierFreeGuidance(DenoiserWrapper):
             raise ValueError("classifier-free guidance needs the condition: pass cond (e.g. {'y': labels})")
         if self.scale == 0.0:
             return self.inner.predict(x_t, t, cond)
+        return self.guided(x_t, t, cond, self.scale)
+
+    def guided(self, x_t: Tensor, t: Tensor, cond: dict, w: float | Tensor) -> Prediction:
+        """The guided prediction with weight w: a number, or one per example (B,)."""
         batch = x_t.shape[0]
         other = self.negative_cond if self.negative_cond is not None else self.null_cond
         both = batch_conditions(cond, other, batch, x_t.device)
         pred = self.inner.predict(torch.cat([x_t, x_t]), torch.cat([t, t]), both)
         x0_c, x0_u = pred.x0[:batch], pred.x0[batch:]
         eps_c, eps_u = pred.eps[:batch], pred.eps[batch:]
-        w = self.scale
-        return Prediction(
-            x0=torch.add(x0_c, x0_c - x0_u, alpha=w),
-            eps=torch.add(eps_c, eps_c - eps_u, alpha=w),
-            var_frac=None if pred.var_frac is None else pred.var_frac[:batch],
-        )
+        if isinstance(w, Tensor):
+            w = broadcast(w.to(x0_c), x0_c)
+            x0, eps = x0_c + w * (x0_c - x0_u), eps_c + w * (eps_c - eps_u)
+        else:
+            x0, eps = torch.add(x0_c, x0_c - x0_u, alpha=w), torch.add(eps_c, eps_c - eps_u, alpha=w)
+        return Prediction(x0=x0, eps=eps, var_frac=None if pred.var_frac is None else pred.var_frac[:batch])
+
+
+class GuidanceFromCondition(ClassifierFreeGuidance):
+    """Classifier-free guidance whose weight comes with the condition, one per example, as
+    cond["w"]: the guided teacher of guidance distillation (each training example has its own
+    w), whose student takes the same cond["w"] as an input (`UNet(guidance_embedding=True)`)."""
+
+    def __init__(self, inner: Denoiser, null_cond: dict, negative_cond: dict | None = None):
+        super().__init__(inner, 1.0, null_cond, negative_cond)
+
+    def predict(self, x_t: Tensor, t: Tensor, cond: dict | None) -> Prediction:
+        if not cond or GUIDANCE_INPUT not in cond:
+            raise ValueError(f'GuidanceFromCondition needs the guidance weights in cond["{GUIDANCE_INPUT}"]')
+        w = guidance_weights(cond[GUIDANCE_INPUT], x_t.shape[0], x_t.device)
+        rest = {k: v for k, v in cond.items() if k != GUIDANCE_INPUT}
+        return self.guided(x_t, t, rest, w)
+
+
+def guidance_weights(w, batch: int, device=None) -> Tensor:
+    """cond["w"] as a float (B,) tensor: one number for all, or one finite weight per example."""
+    if isinstance(w, int | float) and not isinstance(w, bool):
+        w = torch.tensor(check_scale(w))
+    if not isinstance(w, Tensor) or w.ndim > 1 or w.is_complex() or w.dtype == torch.bool:
+        raise ValueError(f'cond["{GUIDANCE_INPUT}"] must be a number or a (B,) tensor of guidance weights, got {w!r}')
+    w = expand_entry(GUIDANCE_INPUT, w, batch, device).float()
+    if not torch.isfinite(w).all():
+        raise ValueError(f'cond["{GUIDANCE_INPUT}"] must be finite, got {w.tolist()}')
+    return w
 
 
 # ---------------------------------------------------------------- classifier guidance
@@ -362,14 +395,20 @@ def conditioned(
         if scale != 0.0:
             raise ValueError("guidance scale given, but the model is unconditional")
         return as_saved(denoiser, meta), None
+    # a guidance-distilled network takes w as an input: one call per step, no unconditional half
+    as_input = bool(meta.get("guidance_input"))
+    w = {GUIDANCE_INPUT: torch.full((n,), scale, device=device_of(denoiser))} if as_input else {}
     if kind == "class":
         k = int(meta["num_classes"])
         labels = class_labels(n, k, label)
-        return as_saved(class_guidance(denoiser, k, scale), meta), {"y": labels.long().to(device_of(denoiser))}
+        guided = denoiser if as_input else class_guidance(denoiser, k, scale)
+        return as_saved(guided, meta), {"y": labels.long().to(device_of(denoiser)), **w}
     if kind != "text":
         raise ValueError(f"unknown conditioning {kind!r} in the model's diffusion.json; allowed: class, text")
     if prompt is None:
         raise ValueError("the model is text-conditional: give a prompt")
+    if as_input and negative_prompt is not None:
+        raise ValueError("a guidance-distilled model takes w as an input and has no negative prompt")
     prompts = expand_entry("caption", [prompt] if isinstance(prompt, str) else list(prompt), n)
-    guided = as_saved(text_guidance(denoiser, scale, negative_prompt), meta)
-    return guided, encode_prompts(denoiser, prompts)
+    guided = denoiser if as_input else text_guidance(denoiser, scale, negative_prompt)
+    return as_saved(guided, meta), {**encode_prompts(denoiser, prompts), **w}

@@ -49,8 +49,8 @@ def evaluate_digits(
     samples = sample_batched(
         denoiser, n, sampler, steps, seed, eta, cond=cond, progress=progress, decode=decode, spacing=spacing
     )
+    seconds = time.perf_counter() - start  # sampling only: the judge's loading is not the model's time
     classifier, test, train = digits_reference(samples.shape[-1])
-    seconds = time.perf_counter() - start
     samples = samples.clamp(-1.0, 1.0)  # judged as they would be saved: pixels in [-1, 1]
     metrics = digits_metrics(samples, classifier, test)
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[: min(n, len(train))]

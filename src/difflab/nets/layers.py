@@ -27,17 +27,29 @@ def zero_module(module: nn.Module) -> nn.Module:
 # --------------------------------------------------------------------------- embeddings
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+TIME_ORDERS = ("cos_sin", "sin_cos")
+
+
+def timestep_embedding(
+    t: torch.Tensor, dim: int, max_period: float = 10000.0, *, order: str = "cos_sin", frequency_shift: float = 0.0
+) -> torch.Tensor:
     """Sinusoidal features of (fractional) timestep indices, as in ADM and DiT.
 
-    Returns (B, dim) = [cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i / (dim // 2)).
-    An odd ``dim`` gets one trailing zero column.
+    Returns (B, dim) = [cos(t * f_i), sin(t * f_i)] with f_i = max_period^(-i / (dim // 2 - shift));
+    ``order`` "sin_cos" puts the sines first, and with ``frequency_shift`` 1 these are the
+    original DDPM features (diffusers' flip_sin_to_cos=False, freq_shift=1), so that such
+    models can be imported. An odd ``dim`` gets one trailing zero column.
     """
     half = dim // 2
-    exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
-    freqs = torch.exp(-math.log(max_period) * exponent)
+    if frequency_shift == 0:  # difflab's own order of operations, kept bit for bit
+        exponent = torch.arange(half, dtype=torch.float32, device=t.device) / half
+        freqs = torch.exp(-math.log(max_period) * exponent)
+    else:  # the order diffusers computes a shifted exponent in, so that imports match it exactly
+        exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+        freqs = torch.exp(exponent / (half - frequency_shift))
     args = t.float()[:, None] * freqs[None]
-    embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    pair = (torch.cos(args), torch.sin(args)) if order == "cos_sin" else (torch.sin(args), torch.cos(args))
+    embedding = torch.cat(pair, dim=-1)
     if dim % 2:
         embedding = F.pad(embedding, (0, 1))
     return embedding
@@ -46,15 +58,38 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedding(nn.Module):
     """t -> sinusoidal features -> 2-layer MLP; the MLP lets the net reshape the features."""
 
+    def __init__(self, frequency_dim: int, embed_dim: int, *, order: str = "cos_sin", frequency_shift: float = 0.0):
+        super().__init__()
+        self.frequency_dim = frequency_dim
+        self.order, self.frequency_shift = order, frequency_shift
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
+        )
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        features = timestep_embedding(t, self.frequency_dim, order=self.order, frequency_shift=self.frequency_shift)
+        return self.mlp(features.to(self.mlp[0].weight.dtype))
+
+
+class GuidanceEmbedding(nn.Module):
+    """The guidance scale w as a network input (Meng et al. 2023; LCM's w-embedding), so one
+    distilled network serves every w: sinusoidal features of w -> 2-layer MLP, added to the
+    time embedding. The last layer starts at zero, so a student copied from its teacher
+    computes exactly the teacher's function until training moves it."""
+
+    SCALE = 100.0  # spreads w in [0, ~10] over the frequencies as timesteps in [0, 1000) are
+
     def __init__(self, frequency_dim: int, embed_dim: int):
         super().__init__()
         self.frequency_dim = frequency_dim
         self.mlp = nn.Sequential(
             nn.Linear(frequency_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim)
         )
+        nn.init.zeros_(self.mlp[2].weight)
+        nn.init.zeros_(self.mlp[2].bias)
 
-    def forward(self, t: torch.Tensor) -> torch.Tensor:
-        features = timestep_embedding(t, self.frequency_dim)
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        features = timestep_embedding(w * self.SCALE, self.frequency_dim)
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
@@ -136,7 +171,8 @@ class ResBlock(nn.Module):
     GroupNorm (adaptive group norm); otherwise emb is added before it.
     ``resample`` "up"/"down" makes it a BigGAN-style resampling block (both branches
     are resampled, parameter-free). ``skip_rescale`` divides the sum by sqrt(2) so
-    activations keep their scale as blocks stack (NCSN++).
+    activations keep their scale as blocks stack (NCSN++). ``norm_eps``: the GroupNorms'
+    epsilon (torch's 1e-5 by default; diffusers' DDPM ports use 1e-6).
     """
 
     def __init__(
@@ -150,6 +186,7 @@ class ResBlock(nn.Module):
         resample: str | None = None,
         norm_groups: int = 32,
         skip_rescale: bool = False,
+        norm_eps: float = 1e-5,
     ):
         super().__init__()
         if resample not in (None, "up", "down"):
@@ -157,11 +194,11 @@ class ResBlock(nn.Module):
         self.resample = resample
         self.use_scale_shift_norm = use_scale_shift_norm
         self.skip_rescale = skip_rescale
-        self.in_norm = nn.GroupNorm(norm_groups, in_channels)
+        self.in_norm = nn.GroupNorm(norm_groups, in_channels, eps=norm_eps)
         self.in_conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         emb_out = 2 * out_channels if use_scale_shift_norm else out_channels
         self.emb_proj = nn.Linear(embed_dim, emb_out)
-        self.out_norm = nn.GroupNorm(norm_groups, out_channels)
+        self.out_norm = nn.GroupNorm(norm_groups, out_channels, eps=norm_eps)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.out_conv = zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1))
         same = in_channels == out_channels
@@ -246,12 +283,17 @@ class CrossAttention(nn.Module):
 
 
 class SpatialSelfAttention(nn.Module):
-    """Residual self-attention over all H*W positions of an image (global mixing)."""
+    """Residual self-attention over all H*W positions of an image (global mixing).
+    ``norm=False`` attends to the raw features (diffusers' mid-block attention with
+    scale-shift res blocks has no GroupNorm)."""
 
-    def __init__(self, channels: int, num_heads: int, norm_groups: int, skip_rescale: bool):
+    def __init__(
+        self, channels: int, num_heads: int, norm_groups: int, skip_rescale: bool, *, norm_eps: float = 1e-5,
+        norm: bool = True,
+    ):  # fmt: skip
         super().__init__()
         self.skip_rescale = skip_rescale
-        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=norm_eps) if norm else nn.Identity()
         self.attention = SelfAttention(channels, num_heads)
         zero_module(self.attention.proj)
 
@@ -266,11 +308,12 @@ class SpatialCrossAttention(nn.Module):
     """Residual cross-attention from every image position to a context sequence."""
 
     def __init__(
-        self, channels: int, context_dim: int, num_heads: int, norm_groups: int, skip_rescale: bool
-    ):
+        self, channels: int, context_dim: int, num_heads: int, norm_groups: int, skip_rescale: bool,
+        *, norm_eps: float = 1e-5,
+    ):  # fmt: skip
         super().__init__()
         self.skip_rescale = skip_rescale
-        self.norm = nn.GroupNorm(norm_groups, channels)
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=norm_eps)
         self.attention = CrossAttention(channels, context_dim, num_heads)
         zero_module(self.attention.proj)
 
@@ -341,6 +384,7 @@ class BlockFactory:
     num_heads: int
     num_head_channels: int | None
     context_dim: int | None = None
+    norm_eps: float = 1e-5
 
     def heads(self, channels: int) -> int:
         if self.num_head_channels is None:
@@ -357,18 +401,22 @@ class BlockFactory:
             resample=resample,
             norm_groups=self.norm_groups,
             skip_rescale=self.skip_rescale,
+            norm_eps=self.norm_eps,
         )
 
-    def attention(self, channels: int) -> list[nn.Module]:
-        """Self-attention, followed by cross-attention when a context is configured."""
+    def attention(self, channels: int, *, norm: bool = True) -> list[nn.Module]:
+        """Self-attention (without its GroupNorm if not `norm`), followed by cross-attention
+        when a context is configured."""
         heads = self.heads(channels)
         layers: list[nn.Module] = [
-            SpatialSelfAttention(channels, heads, self.norm_groups, self.skip_rescale)
+            SpatialSelfAttention(
+                channels, heads, self.norm_groups, self.skip_rescale, norm_eps=self.norm_eps, norm=norm
+            )
         ]
         if self.context_dim is not None:
             layers.append(
                 SpatialCrossAttention(
-                    channels, self.context_dim, heads, self.norm_groups, self.skip_rescale
+                    channels, self.context_dim, heads, self.norm_groups, self.skip_rescale, norm_eps=self.norm_eps
                 )
             )
         return layers

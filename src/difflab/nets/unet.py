@@ -36,9 +36,11 @@ from .base import (
     require_cond,
 )
 from .layers import (
+    TIME_ORDERS,
     BlockFactory,
     ConditionedSequential,
     Downsample,
+    GuidanceEmbedding,
     LabelEmbedding,
     TimestepEmbedding,
     Upsample,
@@ -93,6 +95,15 @@ class UNetConfig(BackboneConfig):
     the x and y coordinate of every pixel (in [-1, 1]) to the input (CoordConv, Liu et al.
     2018): convolutions are translation-equivariant, so without it absolute position ("at the
     top left") must be inferred from the zero padding at the borders.
+    guidance_embedding: take the guidance scale ``cond["w"]`` as an input (a guidance-distilled
+    student, see `GuidanceEmbedding`).
+
+    Four options exist so that diffusers' UNet2DModel maps onto this U-Net exactly
+    (`difflab.interop`); their defaults are difflab's own behaviour. norm_eps: every
+    GroupNorm's epsilon. time_embedding_order ("cos_sin" or "sin_cos") and
+    time_frequency_shift (frequencies max_period^(-i / (half - shift))): the sinusoidal
+    features (the original DDPM's are "sin_cos" with shift 1). mid_attention_norm: false
+    drops the GroupNorm before the middle block's self-attention.
     """
 
     out_channels: int | None = None
@@ -103,9 +114,26 @@ class UNetConfig(BackboneConfig):
     coordinate_channels: bool = False
     concat_channels: int = 0
     learn_sigma: bool = False
+    guidance_embedding: bool = False
+    norm_eps: float = 1e-5
+    time_embedding_order: str = "cos_sin"
+    time_frequency_shift: float = 0.0
+    mid_attention_norm: bool = True
 
     def validate(self) -> None:
         super().validate()
+        check_positive_float("norm_eps", self.norm_eps)
+        if self.time_embedding_order not in TIME_ORDERS:
+            raise ValueError(
+                f"time_embedding_order must be one of {', '.join(TIME_ORDERS)}, got {self.time_embedding_order!r}"
+            )
+        half = self.model_channels // 2
+        shift = self.time_frequency_shift
+        if isinstance(shift, bool) or not isinstance(shift, int | float) or not 0 <= shift < half:
+            raise ValueError(
+                f"time_frequency_shift must be a number in [0, {half}) (model_channels // 2), got {shift!r}"
+            )
+        check_bool("mid_attention_norm", self.mid_attention_norm)
         check_optional_int("out_channels", self.out_channels, 1)
         check_optional_int("num_classes", self.num_classes, 1)
         check_probability("class_dropout_prob", self.class_dropout_prob)
@@ -114,6 +142,7 @@ class UNetConfig(BackboneConfig):
         check_bool("learn_sigma", self.learn_sigma)
         check_bool("pooled_context", self.pooled_context)
         check_bool("coordinate_channels", self.coordinate_channels)
+        check_bool("guidance_embedding", self.guidance_embedding)
         if self.pooled_context and self.context_dim is None:
             raise ValueError("pooled_context needs context_dim (the width of the context tokens to pool)")
         if self.context_dim is not None and not (
@@ -125,6 +154,11 @@ class UNetConfig(BackboneConfig):
 
 
 # --------------------------------------------------------------------------- shared backbone
+
+
+def check_positive_float(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 < value < float("inf"):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
 def res_blocks_per_level(config: Any) -> tuple[int, ...]:
@@ -190,7 +224,9 @@ def validate_backbone(config: Any) -> None:
             )
 
 
-def block_factory(config: Any, embed_dim: int, context_dim: int | None = None) -> BlockFactory:
+def block_factory(
+    config: Any, embed_dim: int, context_dim: int | None = None, *, norm_eps: float = 1e-5
+) -> BlockFactory:
     return BlockFactory(
         embed_dim=embed_dim,
         dropout=config.dropout,
@@ -200,6 +236,7 @@ def block_factory(config: Any, embed_dim: int, context_dim: int | None = None) -
         num_heads=config.num_heads,
         num_head_channels=config.num_head_channels,
         context_dim=context_dim,
+        norm_eps=norm_eps,
     )
 
 
@@ -220,9 +257,10 @@ class UNetEncoder(nn.Module):
 
     Shared by :class:`UNet` and the noisy classifier. ``skip_specs[i]`` is
     (channels, downsampling factor) of the i-th stored skip, in the order stored.
+    ``mid_attention_norm`` false: the middle block's self-attention has no GroupNorm.
     """
 
-    def __init__(self, config: Any, in_channels: int, blocks: BlockFactory):
+    def __init__(self, config: Any, in_channels: int, blocks: BlockFactory, *, mid_attention_norm: bool = True):
         super().__init__()
         mult, base = config.channel_mult, config.model_channels
         attention_at = set(config.attention_resolutions)
@@ -254,7 +292,7 @@ class UNetEncoder(nn.Module):
 
         middle = [blocks.res_block(channels, channels)]
         if config.mid_attention:
-            middle += blocks.attention(channels)
+            middle += blocks.attention(channels, norm=mid_attention_norm)
         middle.append(blocks.res_block(channels, channels))
         self.middle = ConditionedSequential(middle)
         self.out_channels = channels
@@ -273,7 +311,7 @@ class UNetEncoder(nn.Module):
 
 COND_HINT = (
     '"y" needs num_classes, "context"/"context_mask" need context_dim, '
-    '"concat" needs concat_channels; "control" is always accepted'
+    '"concat" needs concat_channels, "w" needs guidance_embedding; "control" is always accepted'
 )
 
 
@@ -289,16 +327,19 @@ class UNet(ConfigModule):
         data_channels = cfg.out_channels or cfg.in_channels
         self.output_channels = data_channels * (2 if cfg.learn_sigma else 1)
         embed_dim = 4 * cfg.model_channels
-        self.time_embed = TimestepEmbedding(cfg.model_channels, embed_dim)
+        self.time_embed = TimestepEmbedding(
+            cfg.model_channels, embed_dim, order=cfg.time_embedding_order, frequency_shift=cfg.time_frequency_shift
+        )
         self.label_embed = (
             LabelEmbedding(cfg.num_classes, embed_dim)
             if cfg.num_classes is not None
             else None
         )
         self.context_embed = nn.Linear(cfg.context_dim, embed_dim) if cfg.pooled_context else None
-        blocks = block_factory(cfg, embed_dim, cfg.context_dim)
+        self.guidance_embed = GuidanceEmbedding(cfg.model_channels, embed_dim) if cfg.guidance_embedding else None
+        blocks = block_factory(cfg, embed_dim, cfg.context_dim, norm_eps=cfg.norm_eps)
         input_channels = cfg.in_channels + cfg.concat_channels + (2 if cfg.coordinate_channels else 0)
-        self.encoder = UNetEncoder(cfg, input_channels, blocks)
+        self.encoder = UNetEncoder(cfg, input_channels, blocks, mid_attention_norm=cfg.mid_attention_norm)
 
         attention_at = set(cfg.attention_resolutions)
         skip_channels = [c for c, _ in self.encoder.skip_specs]
@@ -316,7 +357,7 @@ class UNet(ConfigModule):
                     factor //= 2
                 self.up_blocks.append(ConditionedSequential(layers))
         self.out = nn.Sequential(
-            nn.GroupNorm(cfg.norm_groups, channels),
+            nn.GroupNorm(cfg.norm_groups, channels, eps=cfg.norm_eps),
             nn.SiLU(),
             zero_module(nn.Conv2d(channels, self.output_channels, 3, padding=1)),
         )
@@ -338,6 +379,8 @@ class UNet(ConfigModule):
             keys += ["context", "context_mask"]
         if cfg.concat_channels:
             keys.append("concat")
+        if cfg.guidance_embedding:
+            keys.append("w")
         return (*keys, "control")
 
     def control_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
@@ -368,6 +411,9 @@ class UNet(ConfigModule):
         if self.label_embed is not None:
             y = require_cond(cond, "y", "UNet", f"num_classes={cfg.num_classes}")
             emb = emb + self.label_embed(y, batch)
+        if self.guidance_embed is not None:
+            w = require_cond(cond, "w", "UNet", "guidance_embedding=true")
+            emb = emb + self.guidance_embed(prepare_timesteps(w, batch, x.device))
         context, context_mask = None, None
         if cfg.context_dim is not None:
             context = require_cond(cond, "context", "UNet", f"context_dim={cfg.context_dim}")

@@ -13,6 +13,8 @@ components connect and how to sample:
   ``variance``, ``sample_shape``.
 - ``conditioning``: null, "class" (with ``num_classes``; the null label is num_classes) or
   "text" (with ``null_caption``).
+  ``guidance_input``: true for a guidance-distilled network, which takes the guidance weight
+  as an input (cond["w"]) instead of being run twice.
 - ``thresholding`` / ``thresholding_limit``: what sampling applies to x0_hat;
   ``sample``: the default sampler, steps, spacing, eta and guidance; ``data``: what it was
   trained on; ``latent``: the scale factor and image shape of a latent model.
@@ -35,7 +37,8 @@ AUTOENCODER = "autoencoder"
 CONDITIONINGS = (None, "class", "text")
 KEY_ORDER = (
     "format", "version", "components", "schedule", "prediction", "denoiser_options", "variance", "sample_shape",
-    "conditioning", "num_classes", "null_caption", "thresholding", "thresholding_limit", "sample", "data", "latent",
+    "conditioning", "num_classes", "null_caption", "guidance_input", "thresholding", "thresholding_limit",
+    "sample", "data", "latent",
 )  # fmt: skip
 SAMPLE_DEFAULTS = {"sampler": "ddim", "steps": 50, "spacing": None, "n": 16, "eta": 0.0, "guidance": 0.0}
 # sanity limits, so that a crafted manifest is refused before anything is allocated
@@ -71,11 +74,16 @@ def resolve(name_or_path: str | Path) -> Path:
 
 
 def find_model_dir(path: str | Path) -> Path:
-    """`path` itself if it holds the manifest, else `path/model` (a run folder)."""
+    """`path` itself if it holds the manifest, else `path/model` (a run folder), else `path` if
+    diffusers wrote it (read through `difflab.interop`)."""
+    from difflab.interop.diffusers import is_diffusers_folder
+
     path = Path(path)
     for candidate in (path, path / MODEL_DIR):
         if (candidate / MANIFEST_FILE).is_file():
             return candidate
+    if is_diffusers_folder(path):
+        return path
     raise ValueError(
         f"{path} is neither a run folder with {MODEL_DIR}/{MANIFEST_FILE} nor a model folder with "
         f"{MANIFEST_FILE}; was training finished (the model is exported at the end)?"
@@ -83,8 +91,15 @@ def find_model_dir(path: str | Path) -> Path:
 
 
 def read_manifest(directory: str | Path) -> dict:
-    """The manifest of a model folder, upgraded to the current version and checked."""
+    """The manifest of a model folder, upgraded to the current version and checked (derived from
+    the configs of a diffusers folder)."""
+    from difflab.interop.diffusers import is_diffusers_folder, read_diffusers_manifest
+
     path = Path(directory) / MANIFEST_FILE
+    if not path.is_file() and is_diffusers_folder(directory):
+        manifest = read_diffusers_manifest(directory)
+        check_manifest(manifest, Path(directory))
+        return manifest
     try:
         if path.stat().st_size > MAX_MANIFEST_BYTES:
             raise ValueError(f"it has {path.stat().st_size} bytes, more than the {MAX_MANIFEST_BYTES} a manifest may")
@@ -184,6 +199,9 @@ def check_manifest(manifest: dict, where: str | Path = MANIFEST_FILE) -> None:
     if manifest.get("conditioning") == "class":
         k = manifest.get("num_classes")
         need(isinstance(k, int) and k >= 1, "num_classes", "an integer >= 1 for a class-conditional model")
+    if manifest.get("guidance_input", False):
+        need(manifest["guidance_input"] is True and manifest.get("conditioning") is not None, "guidance_input",
+             "true or false; true only for a conditional model (its network takes the guidance weight)")  # fmt: skip
     need(manifest.get("thresholding", "none") in THRESHOLDINGS, "thresholding", f"one of {', '.join(THRESHOLDINGS)}")
     need(isinstance(manifest.get("denoiser_options", {}), dict), "denoiser_options", "a dict of keyword options")
     if manifest.get("latent") is not None:

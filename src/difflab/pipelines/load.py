@@ -21,11 +21,16 @@ def load_pipeline(
     its manifest. `path`: a model folder, a run folder or a shipped model's name. The raw
     denoiser applies no thresholding or guidance: `Pipeline` (or `guidance.conditioned`) adds
     what the manifest says."""
+    from difflab.interop.diffusers import is_diffusers_unet, load_diffusers_unet
     from difflab.nets import load_network
 
     directory = resolve(path)
     manifest = read_manifest(directory)
-    net = load_network(component_dir(directory, manifest, DENOISER), device=device)
+    folder = component_dir(directory, manifest, DENOISER)
+    if is_diffusers_unet(folder):  # a diffusers folder's unet/, converted on load
+        net = load_diffusers_unet(folder, manifest, device=device)
+    else:
+        net = load_network(folder, device=device)
     if dtype is not None:
         net = net.to(dtype)
     schedule = Schedule.from_config(manifest["schedule"])

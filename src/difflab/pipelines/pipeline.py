@@ -13,7 +13,7 @@ conditioning (class labels or prompts, with classifier-free guidance).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,12 +23,13 @@ from torch import Tensor
 from difflab.denoiser import Denoiser, device_of, network_dtype
 from difflab.devices import parse_dtype, pick_device
 from difflab.guidance import check_scale, conditioned
+from difflab.pipelines.card import write_model_card
 from difflab.pipelines.folder import AUTOENCODER, DENOISER, component_dir, resolve, write_manifest
 from difflab.pipelines.load import LatentDecoder, load_decoder, load_pipeline
 from difflab.pipelines.sampling import sample_batched
 
 OUTPUT_TYPES = ("pil", "np", "pt")
-PROVENANCE_FILES = ("recipe.toml", "training.json", "metrics.json", "README.md")
+PROVENANCE_FILES = ("recipe.toml", "training.json", "metrics.json")  # the card (README.md) is written anew
 
 
 class Pipeline:
@@ -145,11 +146,13 @@ class Pipeline:
         generator: torch.Generator | Sequence[torch.Generator] | None = None,
         batch_size: int = 256,
         progress: bool = False,
+        callback: Callable[[int, int], None] | None = None,
     ) -> Tensor:
         """n samples as a float32 CPU tensor: images (n, C, H, W), in [-1, 1] where the model
         clips x0 (decoded for latent models), or the raw vectors of a vector model. Sample i is drawn from its own
         generator seeded by `seed` (so it does not depend on n or the batch size), or from
-        `generator` (one, used for all, or a list of n)."""
+        `generator` (one, used for all, or a list of n). `callback(done_steps, total_steps)` runs
+        after every sampler step; an exception it raises stops sampling."""
         denoiser, cond = self.condition(n, guidance, label, prompt, negative_prompt, guidance_scale)
         generators = None
         if isinstance(generator, torch.Generator):
@@ -158,7 +161,7 @@ class Pipeline:
             generators = list(generator)
         x = sample_batched(
             denoiser, n, seed=seed, cond=cond, progress=progress, decode=self.decoder, batch_size=batch_size,
-            generators=generators, **self.settings(sampler, steps, spacing, eta),
+            generators=generators, callback=callback, **self.settings(sampler, steps, spacing, eta),
         )  # fmt: skip
         return x
 
@@ -168,7 +171,7 @@ class Pipeline:
         models, their default) or "pt" (the float32 tensor in [-1, 1], (n, C, H, W)).
         `options` are `generate`'s: steps, sampler (or an alias such as "dpmpp_2m_karras"),
         spacing, eta, guidance (w) or guidance_scale (w + 1), label, prompt, negative_prompt,
-        seed or generator, batch_size, progress."""
+        seed or generator, batch_size, progress, callback."""
         is_image = len(self.output_shape) == 3
         output_type = output_type or ("pil" if is_image else "np")
         if output_type not in OUTPUT_TYPES:
@@ -188,7 +191,8 @@ class Pipeline:
     # ---------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | Path) -> Path:
         """Write a model folder that `from_pretrained` (and `difflab sample`) loads: each
-        component's config + safetensors, the manifest, and the recipe/training records."""
+        component's config + safetensors, the manifest, the recipe/training records and a model
+        card (README.md, see `difflab.pipelines.card`)."""
         directory = Path(directory)
         if self.source is not None and directory.resolve() == self.source.resolve():
             raise ValueError(f"{directory} is the folder this pipeline was loaded from; save to a new folder")
@@ -199,6 +203,8 @@ class Pipeline:
         for name in PROVENANCE_FILES:
             if self.source is not None and (self.source / name).is_file():
                 shutil.copyfile(self.source / name, directory / name)
+        parameters = sum(p.numel() for p in self.network.parameters())
+        write_model_card(directory, self.manifest, parameters=parameters)  # after the records it reports
         return directory
 
     def __repr__(self) -> str:

@@ -38,12 +38,16 @@ def sample_batched(
     decode: Callable[[Tensor], Tensor] | None = None,
     spacing: str | None = None,
     generators: list[torch.Generator] | None = None,
+    callback: Callable[[int, int], None] | None = None,
 ) -> Tensor:
     """`n` samples (float32, on the CPU) in batches of `batch_size` on the denoiser's device.
     Sample i comes from generator i (default: seeded with `sample_seeds(seed, n)`); `cond`
     entries are sliced along with the batch; `decode` (a latent model's decoder) turns each
-    batch of latents into images. With `progress`, a bar on a terminal, plain lines otherwise."""
-    from difflab.samplers import sample
+    batch of latents into images. With `progress`, a bar on a terminal, plain lines otherwise.
+    `callback(done_steps, total_steps)` runs after every sampler step of every batch (total =
+    steps per batch x batches), so a caller can show progress; an exception it raises stops
+    sampling there (how `difflab serve` cancels a job)."""
+    from difflab.samplers import sample, sampling_plan
 
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n (number of samples) must be an integer >= 1, got {n!r}")
@@ -56,12 +60,20 @@ def sample_batched(
     device = device_of(denoiser)
     terminal = sys.stderr.isatty()
     out, started, batches = [], time.perf_counter(), range(0, n, batch_size)
+    per_batch = 0 if callback is None else len(sampling_plan(denoiser.schedule, sampler, steps, eta, spacing)[1])
     for k, start in enumerate(batches):
         stop = min(n, start + batch_size)
         batch_cond = None if cond is None else {key: v[start:stop] for key, v in cond.items()}
+        step_callback = None
+        if callback is not None:  # the sampler's (i, t, x, pred) -> (done, total) over all batches
+
+            def step_callback(i, t, x, pred, done=k * per_batch):
+                callback(done + i + 1, per_batch * len(batches))
+
         x = sample(
             denoiser, (stop - start, *denoiser.sample_shape), sampler, steps, eta, spacing,
             generator=generators[start:stop], progress=progress and terminal, cond=batch_cond, device=device,
+            callback=step_callback,
         )  # fmt: skip
         x = x if decode is None else decode(x)
         out.append(x.float().cpu())

@@ -57,7 +57,10 @@ def _choice(key: str, value: Any, choices: tuple[str, ...]) -> None:
 
 @dataclass
 class DiffusionConfig:
-    """The Gaussian diffusion and its objective (see `difflab.losses.DiffusionLoss`)."""
+    """The Gaussian diffusion and its objective (see `difflab.losses.DiffusionLoss`).
+    `schedule = "ve"`: NCSN's variance-exploding ladder of T levels from `sigma_min` to
+    `sigma_max` (0: the largest distance between two training examples, Song & Ermon 2020's
+    technique 1), spaced by `ve_spacing` (geometric, or karras)."""
 
     schedule: str = "linear"
     T: int = 1000
@@ -69,9 +72,18 @@ class DiffusionConfig:
     lambda_vlb: float = 1e-3
     importance: bool = False
     zero_terminal_snr: bool = False
+    sigma_min: float = 0.01
+    sigma_max: float = 0.0
+    ve_spacing: str = "geometric"
 
     def validate(self) -> None:
-        _choice("diffusion.schedule", self.schedule, SCHEDULE_NAMES)
+        _choice("diffusion.schedule", self.schedule, (*SCHEDULE_NAMES, "ve"))
+        _require(0 < self.sigma_min < math.inf, "diffusion.sigma_min", self.sigma_min, "a finite number > 0")
+        _require(self.sigma_max == 0 or self.sigma_min < self.sigma_max < math.inf, "diffusion.sigma_max",
+                 self.sigma_max, "0 (from the data) or a finite number > sigma_min")  # fmt: skip
+        _choice("diffusion.ve_spacing", self.ve_spacing, ("geometric", "karras"))
+        _require(not (self.schedule == "ve" and self.zero_terminal_snr), "diffusion.zero_terminal_snr",
+                 self.zero_terminal_snr, "false for a VE schedule (its top level is sigma_max)")  # fmt: skip
         _require(1 <= self.T <= MAX_T, "diffusion.T", self.T, f"an int in [1, {MAX_T}]")
         _choice("diffusion.prediction", self.prediction, PREDICTION_TYPES)
         _choice("diffusion.variance", self.variance, VARIANCE_TYPES)
@@ -223,7 +235,10 @@ class ConsistencyConfig:
     doubling N(k), no EMA target); `s0`/`s1` 0 take the paper's bounds (ct 2/150, ict 10/1280).
     `curriculum_steps`: the K of those schedules (0 = train.steps; set it when a run may later be
     extended, so that extending it does not change the schedule already followed).
-    `sigma_data`: the data's standard deviation used by the boundary scalings."""
+    `sigma_data`: the data's standard deviation used by the boundary scalings. `guidance`:
+    [w_min, w_max] distils a conditional teacher under classifier-free guidance with w drawn per
+    example from that range; the student takes w as an input (Meng et al. 2023), so one network
+    serves every w in it (empty: no guidance)."""
 
     teacher: str = ""
     levels: int = 18
@@ -236,6 +251,7 @@ class ConsistencyConfig:
     weighting: str = "uniform"
     level_sampling: str = "uniform"
     sigma_data: float = 0.5
+    guidance: list[float] = field(default_factory=list)
 
     def validate(self) -> None:
         from difflab.methods.consistency import DISTANCES, LEVEL_SAMPLINGS
@@ -251,6 +267,10 @@ class ConsistencyConfig:
         _choice("consistency.weighting", self.weighting, CM_WEIGHTINGS)
         _choice("consistency.level_sampling", self.level_sampling, LEVEL_SAMPLINGS)
         _require(0.0 < self.sigma_data < math.inf, "consistency.sigma_data", self.sigma_data, "a finite number > 0")
+        g = self.guidance
+        _require(not g or (len(g) == 2 and 0.0 <= g[0] <= g[1] <= 100.0), "consistency.guidance", g,
+                 "[] or [w_min, w_max] with 0 <= w_min <= w_max <= 100")  # fmt: skip
+        _require(not g or bool(self.teacher), "consistency.guidance", g, "[] without a teacher (it guides the teacher)")
 
 
 SECTIONS: dict[str, type] = {

@@ -39,10 +39,10 @@ def planned_network(config: Config) -> nn.Module | None:
 def check_sampling(config: Config, network: nn.Module | None) -> None:
     """[sample] against the diffusion and the network the run trains."""
     from difflab.samplers import sampling_plan
-    from difflab.schedules import Schedule
+    from difflab.train.tasks.diffusion import recipe_schedule
 
     s, d = config.sample, config.diffusion
-    schedule = Schedule.make(d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
+    schedule = recipe_schedule(d)
     try:
         sampling_plan(schedule, s.sampler, s.steps, s.eta, s.spacing or None)
     except ValueError as error:

@@ -10,9 +10,10 @@ uses but never trains) are the shared parts of the contract.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -52,6 +53,7 @@ class DataInfo:
     captions: tuple[str, ...] | None = None
     examples: Tensor | None = None  # the first few x, for pictures of reconstructions
     autoencoder: nn.Module | None = None  # latent data: the autoencoder whose scaled latents x are
+    dataset: Any = field(default=None, repr=False, compare=False)  # for statistics a recipe asks for
 
     @classmethod
     def of(cls, dataset, num_captions: int = 64, num_examples: int = 8, autoencoder=None) -> DataInfo:
@@ -61,7 +63,17 @@ class DataInfo:
             captions = tuple(dataset[i]["caption"] for i in range(min(len(dataset), num_captions)))
         examples = torch.stack([dataset[i]["x"] for i in range(min(len(dataset), num_examples))])
         num_classes = getattr(getattr(dataset, "dataset", dataset), "num_classes", None)
-        return cls(tuple(first["x"].shape), num_classes, captions, examples, autoencoder)
+        return cls(tuple(first["x"].shape), num_classes, captions, examples, autoencoder, dataset)
+
+    def largest_distance(self, limit: int = 2000) -> float:
+        """The largest L2 distance between two of the first `limit` training examples: NCSN's
+        sigma_max (Song & Ermon 2020, technique 1: sigma_1 as large as the largest pairwise
+        distance, so the noisiest level can move any example to any other)."""
+        if self.dataset is None:
+            raise ValueError("the largest pairwise distance needs the training data (DataInfo.of(dataset))")
+        n = min(len(self.dataset), limit)
+        x = torch.stack([self.dataset[i]["x"] for i in range(n)]).flatten(1).double()
+        return float(torch.cdist(x, x).max()) if n > 1 else math.nan
 
 
 class Task(Protocol):

@@ -11,9 +11,9 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
-from difflab.schedules import Schedule
 from difflab.train.config import Config
 from difflab.train.distributed import Dist
+from difflab.train.tasks.diffusion import recipe_schedule
 
 if TYPE_CHECKING:
     from difflab.train.tasks import DataInfo
@@ -76,7 +76,7 @@ class NoisyClassifierTask(ClassifierTask):
         if data.num_classes is None or data.num_classes > k:
             raise ValueError(f"the data has {data.num_classes} classes; the classifier's num_classes is {k}")
         d = config.diffusion
-        self.schedule = Schedule.make(d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
+        self.schedule = recipe_schedule(d, data)
 
     def loss(self, model: nn.Module, batch: dict, generator: torch.Generator) -> tuple[Tensor, dict[str, Tensor]]:
         from difflab.process import check_data, q_sample

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor, nn
 
+from difflab.guidance import GUIDANCE_INPUT
 from difflab.methods.consistency import (
     ConsistencyDenoiser,
     ConsistencyLoss,
@@ -25,8 +26,14 @@ from difflab.schedules import Schedule
 from difflab.train.config import Config
 from difflab.train.distributed import Dist
 from difflab.train.tasks.conditions import drop_labels
-from difflab.train.tasks.diffusion import resolved_thresholding
-from difflab.train.tasks.teachers import check_teacher_data, load_teacher, teacher_condition, trainable_copy
+from difflab.train.tasks.diffusion import recipe_schedule, resolved_thresholding
+from difflab.train.tasks.teachers import (
+    check_teacher_data,
+    load_teacher,
+    teacher_condition,
+    trainable_copy,
+    with_guidance_input,
+)
 
 if TYPE_CHECKING:
     from difflab.train.tasks import DataInfo
@@ -44,16 +51,17 @@ class ConsistencyTask:
         self.config, self.data, self.step = config, data, 0
         self.frozen, self.teacher, self.teacher_manifest = {}, None, None
         if c.teacher:
-            frozen, self.teacher, self.teacher_manifest = load_teacher(c.teacher)
+            frozen, self.teacher, self.teacher_manifest = load_teacher(c.teacher, guided=bool(c.guidance))
             check_teacher_data(self.teacher_manifest, data.sample_shape, frozen.source)
             self.frozen = {"teacher": frozen}
             self.schedule = Schedule.from_config(self.teacher_manifest["schedule"])
-            self.model = build_network(config.model) if config.model else trainable_copy(frozen.module)
+            student = with_guidance_input if c.guidance else trainable_copy
+            self.model = build_network(config.model) if config.model else student(frozen.module)
         else:
             if not config.model:
                 raise ValueError('consistency training (no [consistency] teacher) needs a [model] to train')
             d = config.diffusion
-            self.schedule = Schedule.make(d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
+            self.schedule = recipe_schedule(d, data)
             self.model = build_network(config.model)
         self.num_classes = getattr(getattr(self.model, "config", None), "num_classes", None)
         self.class_dropout_prob = getattr(getattr(self.model, "config", None), "class_dropout_prob", 0.0)
@@ -89,7 +97,12 @@ class ConsistencyTask:
     # ---------------------------------------------------------------- the task contract
     def condition(self, batch: dict, generator: torch.Generator) -> dict | None:
         if self.teacher_manifest is not None:
-            return teacher_condition(self.teacher_manifest, batch)
+            cond = teacher_condition(self.teacher_manifest, batch)
+            if self.config.consistency.guidance:  # each example its own w, for teacher and student alike
+                w_min, w_max = self.config.consistency.guidance
+                u = torch.rand(batch["x"].shape[0], generator=generator).to(batch["x"].device)
+                cond[GUIDANCE_INPUT] = w_min + (w_max - w_min) * u
+            return cond
         if self.num_classes is None:
             return None
         return {"y": drop_labels(batch["y"], self.class_dropout_prob, self.num_classes, generator)}
@@ -122,6 +135,8 @@ class ConsistencyTask:
         self.target.to(device)
         k = self.num_classes or (self.teacher_manifest or {}).get("num_classes")
         cond = {"y": class_labels(n, k).to(device)} if k else None
+        if self.config.consistency.guidance:
+            cond[GUIDANCE_INPUT] = torch.full((n,), self.sample_guidance, device=device)
         net = self.export_model(model)
         was_training = net.training
         den = thresholded(self.denoiser(net.eval()), self.thresholding)
@@ -135,6 +150,13 @@ class ConsistencyTask:
         """What is sampled from: the target network when it is an EMA (CD, CT); with iCT's
         target (the online network itself), the loop's EMA copy `model`."""
         return self.target if self.config.consistency.curriculum != "ict" else model
+
+    @property
+    def sample_guidance(self) -> float:
+        """The w a guidance-distilled model samples with by default: [sample] guidance, kept in
+        the distilled range."""
+        w_min, w_max = self.config.consistency.guidance
+        return min(max(self.config.sample.guidance, w_min), w_max)
 
     @property
     def thresholding(self) -> str:
@@ -168,4 +190,8 @@ class ConsistencyTask:
         })  # fmt: skip
         if self.num_classes is not None:
             manifest.update(conditioning="class", num_classes=self.num_classes)
-        write_manifest(directory, manifest)
+        if c.guidance:
+            manifest["guidance_input"] = True
+            manifest["sample"]["guidance"] = self.sample_guidance
+            manifest["consistency"]["guidance_range"] = list(c.guidance)
+        write_manifest(directory, new_manifest(**manifest))

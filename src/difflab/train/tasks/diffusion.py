@@ -36,6 +36,16 @@ def resolved_thresholding(kind: str, sample_shape: tuple[int, ...]) -> str:
     return kind
 
 
+def recipe_schedule(d, data: DataInfo | None = None) -> Schedule:
+    """The schedule a recipe's [diffusion] describes. A VE ladder with sigma_max = 0 takes it
+    from the data (`DataInfo.largest_distance`); without data (checks before training) a
+    stand-in sigma_max gives a ladder of the same length."""
+    if d.schedule != "ve":
+        return Schedule.make(d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
+    sigma_max = d.sigma_max or (data.largest_distance() if data is not None else 2 * d.sigma_min)
+    return Schedule.ve(d.sigma_min, sigma_max, d.T, d.ve_spacing)
+
+
 class SharedTimesteps:
     """Every process records every process's (t, loss) in rank order, so the importance
     sampler's history (and the checkpoint rank 0 writes) is the same on all ranks."""
@@ -79,7 +89,7 @@ class DiffusionTask:
             raise ValueError(
                 f"the data has {data.num_classes} classes but the network's num_classes is {self.num_classes}"
             )
-        self.schedule = Schedule.make(d.schedule, d.T, zero_terminal_snr=d.zero_terminal_snr)
+        self.schedule = recipe_schedule(d, data)
         self.objective = DiffusionLoss(
             self.schedule, d.loss_type, weighting=d.weighting, snr_gamma=d.snr_gamma,
             lambda_vlb=d.lambda_vlb, importance=d.importance,

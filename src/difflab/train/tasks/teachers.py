@@ -12,21 +12,45 @@ from difflab.denoiser import Denoiser
 from difflab.train.tasks.frozen import Frozen
 
 
-def load_teacher(path: str | Path) -> tuple[Frozen, Denoiser, dict]:
+def load_teacher(path: str | Path, guided: bool = False) -> tuple[Frozen, Denoiser, dict]:
     """(frozen network, denoiser, manifest) of a trained model: a model folder, a run or a
     shipped name. The denoiser applies the manifest's x0 thresholding, so the teacher's steps
-    are the ones it takes when it samples."""
-    from difflab.guidance import as_saved
+    are the ones it takes when it samples. `guided`: classifier-free guidance of a
+    class-conditional teacher with the weight of each example in cond["w"] (thresholded after
+    guidance, as guided sampling does)."""
+    from difflab.guidance import GuidanceFromCondition, as_saved
     from difflab.pipelines import load_pipeline, resolve
 
     directory = resolve(path)
     raw, manifest = load_pipeline(directory)
-    return Frozen(raw.net, str(directory)), as_saved(raw, manifest), manifest
+    frozen = Frozen(raw.net, str(directory))
+    if guided:
+        if manifest.get("conditioning") != "class":
+            raise ValueError(
+                f"guidance distillation needs a class-conditional teacher trained with label dropout; {directory} "
+                f"has conditioning {manifest.get('conditioning')!r}"
+            )
+        raw = GuidanceFromCondition(raw, {"y": int(manifest["num_classes"])})
+    return frozen, as_saved(raw, manifest), manifest
 
 
 def trainable_copy(net: nn.Module) -> nn.Module:
     """A student initialised from a teacher's weights: a copy in train mode with gradients."""
     return copy.deepcopy(net).train().requires_grad_(True)
+
+
+def with_guidance_input(net: nn.Module) -> nn.Module:
+    """A trainable copy of a teacher U-Net that also takes the guidance weight cond["w"] as an
+    input; the new embedding starts at zero, so the copy computes the teacher's function."""
+    from difflab.nets.unet import UNet
+
+    if type(net) is not UNet:
+        raise ValueError(f"guidance distillation needs a UNet teacher (for the w-embedding), got {type(net).__name__}")
+    student = UNet(net.config, guidance_embedding=True)
+    missing, unexpected = student.load_state_dict(net.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("guidance_embed.") for key in missing):
+        raise ValueError(f"teacher weights do not fit the student: missing {missing}, unexpected {unexpected}")
+    return student.train().requires_grad_(True)
 
 
 def check_teacher_data(manifest: dict, sample_shape: tuple[int, ...], source: str) -> None:
