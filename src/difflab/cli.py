@@ -126,6 +126,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.prompt is not None:  # one prompt per --prompt, cycled over the samples
         prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
     options = {**_call_options(args), "prompt": prompts}
+    options.update(control=args.control, control_strength=args.control_strength, guess_mode=args.guess_mode)
     started = time.perf_counter()
     x = pipe.generate(args.n, seed=args.seed, batch_size=args.batch_size, progress=True, **options)
     seconds = time.perf_counter() - started
@@ -370,6 +371,13 @@ def finite_float(text: str) -> float:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    value = finite_float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="difflab", description="Diffusion models: train, sample, evaluate.")
     p.add_argument("--version", action="version", version=f"difflab {__version__}")
@@ -410,6 +418,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompt", action="append", help='text-conditional models: a caption, e.g. "a small red circle '
                                                      'at the top left"; repeat for several (cycled over the samples)')
     s.add_argument("--negative-prompt", help="text-conditional models: steer away from this caption (with --guidance)")
+    s.add_argument("--control", metavar="PNG", help="ControlNet models: the control image (a mask or edge map PNG of "
+                                                    "the model's size), the same for every sample")  # fmt: skip
+    s.add_argument("--control-strength", type=non_negative_float,
+                   help="ControlNet models: scale of the control residuals (1 = as trained, 0 = the base model)")
+    s.add_argument("--guess-mode", action="store_true", default=None,
+                   help="ControlNet models: scale the residuals by level (0.825^k from the middle block outwards)")
     s.add_argument("--nrow", type=positive_int, help="images per grid row (default: square)")
     s.add_argument("--save-each", action="store_true", help="also one PNG per sample in OUT/images/ (for FID tools)")
     s.add_argument("--out", default="out/samples")

@@ -1,6 +1,7 @@
 """Networks: the ADM U-Net, DiT, the noisy classifier for classifier guidance, text
 encoders, the KL/VQ autoencoders (with their patch discriminator) of latent diffusion, and
-the attribute classifier that judges text-to-image samples.
+the attribute classifier that judges text-to-image samples, and ControlNet (a trainable copy
+of a locked U-Net's encoder that adds spatial control).
 
 Every network follows one contract, ``net(x, t, cond=None) -> Tensor``:
 x is (B, C, H, W); t is the (fractional) timestep index, (B,) or a scalar; cond is
@@ -19,6 +20,7 @@ from .base import (
     load_network,
 )
 from .classifier import NoisyClassifier, NoisyClassifierConfig
+from .controlnet import ControlledUNet, ControlNet, ControlNetConfig
 from .discriminator import PatchDiscriminator, PatchDiscriminatorConfig
 from .dit import DIT_PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from .layers import timestep_embedding
@@ -42,6 +44,9 @@ __all__ = [
     "load_network",
     "UNet",
     "UNetConfig",
+    "ControlNet",
+    "ControlNetConfig",
+    "ControlledUNet",
     "DiT",
     "DiTConfig",
     "dit_config",

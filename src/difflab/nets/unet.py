@@ -298,8 +298,12 @@ class UNetEncoder(nn.Module):
         self.out_channels = channels
         self.out_factor = factor
 
-    def forward(self, x, emb, context=None, context_mask=None):
+    def forward(self, x, emb, context=None, context_mask=None, input_residual=None):
+        """``input_residual``: added to the input conv's output (a ControlNet's encoded control
+        image, see `difflab.nets.controlnet`); None adds nothing."""
         h = self.input_conv(x)
+        if input_residual is not None:
+            h = h + input_residual
         skips = [h] if self.keeps_input_skip else []
         for block in self.down_blocks:
             h = block(h, emb, context, context_mask)
@@ -402,8 +406,24 @@ class UNet(ConfigModule):
     # ----------------------------------------------------------------- forward
 
     def forward(self, x: torch.Tensor, t: Any, cond: dict | None = None) -> torch.Tensor:
-        cfg = self.config
         cond = check_cond(cond, self.accepted_cond, "UNet", COND_HINT)
+        h, emb, context, context_mask = self.prepare_inputs(x, t, cond)
+        h, skips = self.encoder(h, emb, context, context_mask)
+        if "control" in cond:
+            control = self._check_control(cond["control"], x)
+            skips = [s + c for s, c in zip(skips, control[:-1])]
+            h = h + control[-1]
+        for block in self.up_blocks:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.out(h)
+
+    def prepare_inputs(
+        self, x: torch.Tensor, t: Any, cond: dict
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """(encoder input, emb, context, context_mask) of an already checked ``cond``: x with its
+        concatenated and coordinate channels, and the time/label/guidance/pooled-context embedding.
+        Shared with a ControlNet's trainable copy, so both read the condition the same way."""
+        cfg = self.config
         check_image(x, cfg.in_channels, "UNet")
         self._check_size(x.shape[2], x.shape[3])
         batch = x.shape[0]
@@ -431,15 +451,7 @@ class UNet(ConfigModule):
             h = torch.cat([x, extra.to(x.dtype)], dim=1)
         if cfg.coordinate_channels:
             h = torch.cat([h, coordinate_maps(x)], dim=1)
-
-        h, skips = self.encoder(h, emb, context, context_mask)
-        if "control" in cond:
-            control = self._check_control(cond["control"], x)
-            skips = [s + c for s, c in zip(skips, control[:-1])]
-            h = h + control[-1]
-        for block in self.up_blocks:
-            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
-        return self.out(h)
+        return h, emb, context, context_mask
 
     def _check_control(self, control: Any, x: torch.Tensor) -> list[torch.Tensor]:
         shapes = self.control_shapes(x.shape[2], x.shape[3])

@@ -18,6 +18,9 @@ components connect and how to sample:
 - ``thresholding`` / ``thresholding_limit``: what sampling applies to x0_hat;
   ``sample``: the default sampler, steps, spacing, eta and guidance; ``data``: what it was
   trained on; ``latent``: the scale factor and image shape of a latent model.
+- ``control`` (a ControlNet, whose components are ``denoiser``, the locked base, and
+  ``control``, the control branch): the control image's ``hint`` kind, ``channels`` and ``size``
+  [H, W], and the default ``strength`` and ``guess_mode``.
 
 Version 1 manifests (written before the pipelines package) are upgraded on read.
 """
@@ -34,6 +37,7 @@ MANIFEST_VERSION = 2
 MODEL_DIR = "model"  # a run folder's exported model
 DENOISER = "denoiser"
 AUTOENCODER = "autoencoder"
+CONTROL = "control"  # a ControlNet's control branch; its "denoiser" is the locked base
 CONDITIONINGS = (None, "class", "text")
 KEY_ORDER = (
     "format", "version", "components", "schedule", "prediction", "denoiser_options", "variance", "sample_shape",
@@ -208,6 +212,13 @@ def check_manifest(manifest: dict, where: str | Path = MANIFEST_FILE) -> None:
         need(AUTOENCODER in components, "components", f"an {AUTOENCODER!r} entry for a latent model")
         image_shape = manifest["latent"].get("image_shape") if isinstance(manifest["latent"], dict) else None
         need(_is_shape(image_shape), "latent", f"a dict whose image_shape is {shape_rule}")
+    if manifest.get("control") is not None:
+        need(CONTROL in components, "components", f"a {CONTROL!r} entry for a controlled model")
+        spec = manifest["control"]
+        size = spec.get("size") if isinstance(spec, dict) else None
+        shape = [spec["channels"], *size] if isinstance(size, list) and "channels" in spec else None
+        rule = "a dict with the control image's channels and size [H, W]"
+        need(_is_shape(shape) and len(shape) == 3, "control", rule)
     _check_sample_defaults(manifest["sample"], schedule, where)
 
 

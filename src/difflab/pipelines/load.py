@@ -1,5 +1,6 @@
 """Rebuild a model's components from its folder: the denoiser (network + schedule +
-parameterisation) and, for a latent model, the decoder. Needs no training code, no pickle."""
+parameterisation; a ControlNet's base joined with its control branch) and, for a latent model,
+the decoder. Needs no training code, no pickle."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import Denoiser, build_denoiser
-from difflab.pipelines.folder import AUTOENCODER, DENOISER, component_dir, read_manifest, resolve
+from difflab.pipelines.folder import AUTOENCODER, CONTROL, DENOISER, component_dir, read_manifest, resolve
 from difflab.schedules import Schedule
 
 
@@ -31,6 +32,10 @@ def load_pipeline(
         net = load_diffusers_unet(folder, manifest, device=device)
     else:
         net = load_network(folder, device=device)
+    if manifest.get("control") is not None:  # a ControlNet: the locked base joined with its control branch
+        from difflab.nets.controlnet import ControlledUNet
+
+        net = ControlledUNet(net, load_network(component_dir(directory, manifest, CONTROL), device=device)).eval()
     if dtype is not None:
         net = net.to(dtype)
     schedule = Schedule.from_config(manifest["schedule"])

@@ -24,7 +24,7 @@ from difflab.denoiser import Denoiser, device_of, network_dtype
 from difflab.devices import parse_dtype, pick_device
 from difflab.guidance import check_scale, conditioned
 from difflab.pipelines.card import write_model_card
-from difflab.pipelines.folder import AUTOENCODER, DENOISER, component_dir, resolve, write_manifest
+from difflab.pipelines.folder import AUTOENCODER, CONTROL, DENOISER, component_dir, resolve, write_manifest
 from difflab.pipelines.load import LatentDecoder, load_decoder, load_pipeline
 from difflab.pipelines.sampling import sample_batched
 
@@ -113,20 +113,42 @@ class Pipeline:
         prompt: str | Sequence[str] | None = None,
         negative_prompt: str | None = None,
         guidance_scale: float | None = None,
+        control=None,
+        control_strength: float | None = None,
+        guess_mode: bool | None = None,
     ) -> tuple[Denoiser, dict | None]:
         """The (denoiser, cond) a call samples with: guided and thresholded as the manifest says.
         `guidance` is difflab's w (0 = the plain conditional model); diffusers' guidance_scale is
-        w + 1 and may be given instead."""
+        w + 1 and may be given instead. A ControlNet takes `control` (a PNG path or a tensor in
+        [0, 1], one for all samples or one per sample), `control_strength` and `guess_mode`
+        (default: the model's)."""
         if guidance is not None and guidance_scale is not None:
             raise ValueError("give guidance (w) or guidance_scale (w + 1, diffusers' convention), not both")
         if guidance_scale is not None:
             guidance = check_scale(guidance_scale) - 1.0
         if guidance is None:
             guidance = self.manifest["sample"].get("guidance", 0.0) if self.conditioning else 0.0
-        return conditioned(
+        denoiser, cond = conditioned(
             self.denoiser, self.manifest, n, scale=guidance, label=label, prompt=prompt,
             negative_prompt=negative_prompt,
         )  # fmt: skip
+        spec = self.manifest.get("control")
+        if spec is None:
+            if control is not None or control_strength is not None or guess_mode is not None:
+                raise ValueError("control, control_strength and guess_mode are for ControlNet models; this is none")
+            return denoiser, cond
+        if control is None:
+            raise ValueError(
+                f"this model is a ControlNet: give control=, a {spec['hint']} image (PNG path or tensor in [0, 1]) "
+                f"of {spec['channels']} channel(s) and size {spec['size'][0]}x{spec['size'][1]}"
+            )
+        from difflab.data.controls import load_hint
+        from difflab.nets.controlnet import control_condition
+
+        hint = load_hint(control, spec["channels"], spec["size"])
+        strength = spec.get("strength", 1.0) if control_strength is None else control_strength
+        guess = spec.get("guess_mode", False) if guess_mode is None else guess_mode
+        return denoiser, {**(cond or {}), **control_condition(hint, n, strength, guess, self.device)}
 
     @torch.no_grad()
     def generate(
@@ -147,13 +169,19 @@ class Pipeline:
         batch_size: int = 256,
         progress: bool = False,
         callback: Callable[[int, int], None] | None = None,
+        control=None,
+        control_strength: float | None = None,
+        guess_mode: bool | None = None,
     ) -> Tensor:
         """n samples as a float32 CPU tensor: images (n, C, H, W), in [-1, 1] where the model
         clips x0 (decoded for latent models), or the raw vectors of a vector model. Sample i is drawn from its own
         generator seeded by `seed` (so it does not depend on n or the batch size), or from
         `generator` (one, used for all, or a list of n). `callback(done_steps, total_steps)` runs
-        after every sampler step; an exception it raises stops sampling."""
-        denoiser, cond = self.condition(n, guidance, label, prompt, negative_prompt, guidance_scale)
+        after every sampler step; an exception it raises stops sampling. ControlNet models take
+        `control`, `control_strength` and `guess_mode` (see `condition`)."""
+        denoiser, cond = self.condition(
+            n, guidance, label, prompt, negative_prompt, guidance_scale, control, control_strength, guess_mode
+        )
         generators = None
         if isinstance(generator, torch.Generator):
             generators = [generator] * n
@@ -171,7 +199,7 @@ class Pipeline:
         models, their default) or "pt" (the float32 tensor in [-1, 1], (n, C, H, W)).
         `options` are `generate`'s: steps, sampler (or an alias such as "dpmpp_2m_karras"),
         spacing, eta, guidance (w) or guidance_scale (w + 1), label, prompt, negative_prompt,
-        seed or generator, batch_size, progress, callback."""
+        seed or generator, batch_size, progress, callback; control, control_strength, guess_mode."""
         is_image = len(self.output_shape) == 3
         output_type = output_type or ("pil" if is_image else "np")
         if output_type not in OUTPUT_TYPES:
@@ -196,7 +224,11 @@ class Pipeline:
         directory = Path(directory)
         if self.source is not None and directory.resolve() == self.source.resolve():
             raise ValueError(f"{directory} is the folder this pipeline was loaded from; save to a new folder")
-        self.network.save_pretrained(component_dir(directory, self.manifest, DENOISER))
+        network = self.network
+        if self.manifest.get("control") is not None:  # a ControlNet: its control branch, then the base as the denoiser
+            network.control.save_pretrained(component_dir(directory, self.manifest, CONTROL))
+            network = network.base
+        network.save_pretrained(component_dir(directory, self.manifest, DENOISER))
         if self.decoder is not None:
             self.decoder.autoencoder.save_pretrained(component_dir(directory, self.manifest, AUTOENCODER))
         write_manifest(directory, self.manifest)

@@ -40,6 +40,8 @@ RESUMABLE_CHANGES = (
     "sample.eta",
     "sample.guidance",
     "sample.thresholding",
+    "control.strength",
+    "control.guess_mode",
 )
 THRESHOLDING_CHOICES = ("auto", "none", "static", "dynamic")
 FLOAT32_MAX = 3.4028234663852886e38  # every float of a recipe must be a finite float32: lr = 1e39 overflows
@@ -273,6 +275,35 @@ class ConsistencyConfig:
         _require(not g or bool(self.teacher), "consistency.guidance", g, "[] without a teacher (it guides the teacher)")
 
 
+@dataclass
+class ControlConfig:
+    """ControlNet (task = "control"): `base` is the locked model (a model folder, run or shipped
+    name whose network is a UNet or a TextConditionalUNet, in pixel space); its schedule,
+    parameterisation and conditioning are the controlled model's. `hint`: the control computed
+    from each training image (`difflab.data.controls`): "mask" (foreground), "edges" (Sobel) or
+    "canny". `caption_dropout`: the share of examples whose caption (or class label) is replaced
+    by the null one, so that the control alone must carry the layout (ControlNet drops 50%).
+    `hint_widths`: the hint encoder's convolution widths. `strength` and `guess_mode`: how the
+    sample grids and the exported model sample by default."""
+
+    base: str = ""
+    hint: str = "mask"
+    caption_dropout: float = 0.5
+    hint_widths: list[int] = field(default_factory=lambda: [16, 32])
+    strength: float = 1.0
+    guess_mode: bool = False
+
+    def validate(self) -> None:
+        from difflab.data.controls import HINT_KINDS
+
+        _choice("control.hint", self.hint, HINT_KINDS)
+        _require(0.0 <= self.caption_dropout <= 1.0, "control.caption_dropout", self.caption_dropout,
+                 "a number in [0, 1]")  # fmt: skip
+        _require(bool(self.hint_widths) and all(1 <= w <= 1024 for w in self.hint_widths), "control.hint_widths",
+                 self.hint_widths, "a non-empty list of ints in [1, 1024]")  # fmt: skip
+        _require(0.0 <= self.strength < math.inf, "control.strength", self.strength, "a finite number >= 0")
+
+
 SECTIONS: dict[str, type] = {
     "diffusion": DiffusionConfig,
     "train": TrainConfig,
@@ -280,6 +311,7 @@ SECTIONS: dict[str, type] = {
     "latent": LatentConfig,
     "distill": DistillConfig,
     "consistency": ConsistencyConfig,
+    "control": ControlConfig,
 }
 
 
@@ -296,6 +328,7 @@ class Config:
     latent: LatentConfig = field(default_factory=LatentConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:

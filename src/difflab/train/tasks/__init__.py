@@ -4,8 +4,8 @@ of tasks by recipe name (``task = "..."``).
 The loop knows only the `Task` protocol, so diffusion, classifiers, autoencoders or
 distillation are trained by the same loop: a new task family is a module in this package, a
 class and a name in `TASKS`. One module per family: `diffusion` (denoisers, text-to-image),
-`autoencoder`, `classifier`; `conditions` (condition dropout) and `frozen` (modules a task
-uses but never trains) are the shared parts of the contract.
+`autoencoder`, `classifier`, `control` (ControlNet on a locked base); `conditions` (condition
+dropout) and `frozen` (modules a task uses but never trains) are the shared parts of the contract.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from difflab.train.tasks.classifier import (
 )
 from difflab.train.tasks.conditions import NULL_CAPTION, drop_captions, drop_labels, drop_mask
 from difflab.train.tasks.consistency import ConsistencyTask
+from difflab.train.tasks.control import ControlTask
 from difflab.train.tasks.diffusion import (
     LATENT_DIR,
     DiffusionTask,
@@ -147,6 +148,7 @@ TASKS: dict[str, type[Task]] = {
     "autoencoder": AutoencoderTask,
     "progressive_distillation": ProgressiveDistillationTask,
     "consistency": ConsistencyTask,
+    "control": ControlTask,
 }
 
 
@@ -168,6 +170,7 @@ __all__ = [
     "AutoencoderTask",
     "ClassifierTask",
     "ConsistencyTask",
+    "ControlTask",
     "DataInfo",
     "DiffusionTask",
     "Frozen",
