@@ -39,5 +39,11 @@ bench: install
 	$(PY) benchmarks/nets.py
 	$(PY) benchmarks/digits.py
 
+# mutation testing of the core (not in CI: an hour or more on 2 cores); MUTATE="--module ema --workers 2" narrows it
+.PHONY: mutate
+mutate: install
+	$(PY) -m pip install -q -e ".[dev,mutate]"
+	$(PY) benchmarks/mutation.py $(MUTATE)
+
 clean:
 	rm -rf $(VENV) out .pytest_cache

@@ -199,11 +199,24 @@ def test_cfg_works_with_every_sampler(sampler):
 
 
 def test_guidance_composes_with_thresholding():
+    """Clip(CFG) clips the *guided* x0: the expectation comes from two separate unguided calls, and
+    the limit (the median |guided x0|) clips half the entries, so a clip that hides the guidance
+    (or skips it) cannot pass."""
     den = unet_denoiser(num_classes=3)
     x, t = images()
-    guided = ClipDenoiser(ClassifierFreeGuidance(den, 4.0, {"y": 3}), limit=0.05)
-    clipped = guided(x, t, {"y": torch.tensor([0, 1, 2, 0])})
-    assert clipped.x0.abs().max() <= 0.05
+    y, w = torch.tensor([0, 1, 2, 0]), 4.0
+    cond_x0 = den(x, t, {"y": y}).x0
+    null_x0 = den(x, t, {"y": torch.full((4,), 3)}).x0
+    guided_x0 = cond_x0 + w * (cond_x0 - null_x0)
+    limit = guided_x0.abs().median().item()
+    clipped = ClipDenoiser(ClassifierFreeGuidance(den, w, {"y": 3}), limit=limit)(x, t, {"y": y})
+    expected = guided_x0.clamp(-limit, limit)
+    torch.testing.assert_close(clipped.x0, expected, rtol=1e-5, atol=1e-6)
+    # eps is recomputed from the clipped x0: x_t = sqrt(a) x0 + sqrt(1 - a) eps still holds
+    a = broadcast(SCHEDULE[100].alpha_bar_at(t), x)
+    torch.testing.assert_close(a.sqrt() * clipped.x0 + (1 - a).sqrt() * clipped.eps, x, rtol=1e-5, atol=1e-5)
+    # negative control: the clipped *unguided* x0 is visibly different
+    assert (cond_x0.clamp(-limit, limit) - clipped.x0).abs().max() > 0.2 * limit
 
 
 def test_batch_conditions_rejects_what_cannot_be_batched():

