@@ -1,4 +1,4 @@
-"""The `difflab` command: train | sample | eval | demo | models | export | serve | schedules."""
+"""The `difflab` command: train | sample | eval | demo | models | export | cascade | serve | schedules."""
 
 from __future__ import annotations
 
@@ -118,6 +118,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     import numpy as np
 
     from difflab.data.images import save_grid, to_uint8_images
+    from difflab.pipelines.cascade import CascadePipeline
     from difflab.viz import save_labelled_grid, save_samples
 
     out = _output_dir(args.out)
@@ -125,6 +126,10 @@ def cmd_sample(args: argparse.Namespace) -> int:
     prompts = None
     if args.prompt is not None:  # one prompt per --prompt, cycled over the samples
         prompts = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
+    if isinstance(pipe, CascadePipeline):
+        return _sample_cascade(args, pipe, out, prompts)
+    if args.stage:
+        raise ValueError("--stage sets a stage of a cascade; this model is not a cascade")
     options = {**_call_options(args), "prompt": prompts}
     options.update(control=args.control, control_strength=args.control_strength, guess_mode=args.guess_mode)
     started = time.perf_counter()
@@ -149,10 +154,61 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sample_cascade(args: argparse.Namespace, pipe, out: Path, prompts: list[str] | None) -> int:
+    """A cascade: every stage's grid (stage-K.png; samples.png is the last stage's) and one .npz."""
+    import numpy as np
+
+    from difflab.data.images import to_uint8_images
+    from difflab.viz import save_labelled_grid
+
+    if args.control is not None or args.control_strength is not None or args.guess_mode is not None:
+        raise ValueError("--control, --control-strength and --guess-mode are for ControlNet models, not cascades")
+    guidance = args.guidance
+    if args.guidance_scale is not None:
+        if guidance is not None:
+            raise ValueError("give --guidance (w) or --guidance-scale (w + 1), not both")
+        guidance = args.guidance_scale - 1.0
+    started = time.perf_counter()
+    xs = pipe.generate_stages(
+        args.n, label=args.label, prompt=prompts, negative_prompt=args.negative_prompt, seed=args.seed,
+        stages=args.stage, batch_size=args.batch_size, progress=True, sampler=args.sampler, steps=args.steps,
+        spacing=args.spacing, eta=args.eta, guidance=guidance,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    conditional = next((p for p in pipe.stages if p.conditioning), pipe.stages[-1])
+    labels = _grid_labels(conditional, args.n, args.label, prompts)
+    arrays = {}
+    for k, x in enumerate(xs):
+        save_labelled_grid(x.clamp(-1, 1), out / f"stage-{k}.png", labels, nrow=args.nrow)
+        arrays[f"stage_{k}"] = x.numpy()
+    save_labelled_grid(xs[-1].clamp(-1, 1), out / "samples.png", labels, nrow=args.nrow)
+    arrays["samples"], arrays["images_uint8"] = xs[-1].numpy(), to_uint8_images(xs[-1]).numpy()
+    np.savez_compressed(out / "samples.npz", **arrays)
+    sizes = " -> ".join(f"{x.shape[-1]}x{x.shape[-2]}" for x in xs)
+    print(f"wrote {', '.join(str(out / f'stage-{k}.png') for k in range(len(xs)))}, {out / 'samples.png'} and "
+          f"{out / 'samples.npz'} ({args.n} samples, {sizes}, in {seconds:.1f} s)")  # fmt: skip
+    return 0
+
+
+def cmd_cascade(args: argparse.Namespace) -> int:
+    """Join a base model and super-resolution stages into one cascade folder."""
+    from difflab.pipelines.cascade import assemble_cascade
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} exists and is not an empty folder; give a new one")
+    _output_dir(out)
+    assemble_cascade([args.base, *args.stages], out, args.stage)
+    print(f"wrote the cascade {out} ({1 + len(args.stages)} stages); sample it with: difflab sample {out}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from difflab.eval.report import evaluate_digits, format_metrics
 
     pipe = _pipeline(args)
+    if hasattr(pipe, "stages"):
+        raise ValueError(f"{args.model} is a cascade; difflab eval measures single models (see benchmarks/cascade.py)")
     data = pipe.manifest.get("data", {}).get("name", "unknown data")
     if data != "digits":
         raise ValueError(f"difflab eval measures digits models; {args.model} was trained on {data}")
@@ -424,6 +480,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="ControlNet models: scale of the control residuals (1 = as trained, 0 = the base model)")
     s.add_argument("--guess-mode", action="store_true", default=None,
                    help="ControlNet models: scale the residuals by level (0.825^k from the middle block outwards)")
+    s.add_argument("--stage", action="append", default=[], metavar="K.KEY=VALUE",
+                   help="cascades: a setting of stage K (0 = the base): sampler, steps, spacing, eta, guidance, "
+                        "thresholding (none, static, dynamic), percentile, aug_level (super-resolution stages)")
     s.add_argument("--nrow", type=positive_int, help="images per grid row (default: square)")
     s.add_argument("--save-each", action="store_true", help="also one PNG per sample in OUT/images/ (for FID tools)")
     s.add_argument("--out", default="out/samples")
@@ -457,6 +516,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--format", choices=EXPORT_FORMATS, default="difflab",
                    help="difflab (default) or diffusers (unet/ + scheduler/ + model_index.json)")  # fmt: skip
     x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("cascade", help="join a base model and super-resolution stages into a cascade folder")
+    a.add_argument("base", help="the base model: shipped name, run folder or model folder")
+    a.add_argument("stages", nargs="+", metavar="STAGE",
+                   help="super-resolution stages (runs or model folders), in order")
+    a.add_argument("--stage", action="append", default=[], metavar="K.KEY=VALUE",
+                   help="the default setting of stage K (as difflab sample --stage), e.g. 1.aug_level=0.2")
+    a.add_argument("--out", required=True, help="a new folder")
+    a.set_defaults(func=cmd_cascade)
 
     v = sub.add_parser("serve", help="a local web page to sample from models (http://127.0.0.1:8000/)")
     v.add_argument("model", nargs="*", help="run folders, model folders or shipped names (default: every shipped one)")

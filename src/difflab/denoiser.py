@@ -203,6 +203,7 @@ class X0Thresholding(DenoiserWrapper):
 # Static bound of a latent model's x0_hat: its latents are scaled to unit variance, so +-3
 # keeps 99.7% of a Gaussian's mass while stopping the blow-up at the noisiest steps.
 LATENT_CLIP_LIMIT = 3.0
+DEFAULT_PERCENTILE = 0.995  # Imagen's dynamic thresholding percentile
 
 
 class ClipDenoiser(X0Thresholding):
@@ -223,7 +224,7 @@ class DynamicThresholdDenoiser(X0Thresholding):
     `percentile` quantile of |x0_hat|), then x0_hat = clip(x0_hat, -s, s) / s. Saturated
     pixels are pushed inwards instead of piling up at +-1, which matters with strong guidance."""
 
-    def __init__(self, inner: Denoiser, percentile: float = 0.995):
+    def __init__(self, inner: Denoiser, percentile: float = DEFAULT_PERCENTILE):
         super().__init__(inner)
         if not isinstance(percentile, (int, float)) or isinstance(percentile, bool) or not 0 < percentile <= 1:
             raise ValueError(f"percentile must lie in (0, 1], got {percentile!r}")
@@ -241,15 +242,16 @@ class DynamicThresholdDenoiser(X0Thresholding):
 THRESHOLDINGS = ("none", "static", "dynamic")
 
 
-def thresholded(denoiser: Denoiser, kind: str, limit: float = 1.0) -> Denoiser:
+def thresholded(denoiser: Denoiser, kind: str, limit: float = 1.0, percentile: float = DEFAULT_PERCENTILE) -> Denoiser:
     """`denoiser` with x0 thresholding of the named kind ("none" returns it unchanged).
     Pixel models should sample with "static" (improved-diffusion's clip_denoised): without it,
     eps-prediction at the noisiest steps divides model error by sqrt(alpha_bar) ~ 1e-4.
-    `limit` is the static bound (1 for pixels; unit-variance latents use LATENT_CLIP_LIMIT)."""
+    `limit` is the static bound (1 for pixels; unit-variance latents use LATENT_CLIP_LIMIT);
+    `percentile` the quantile of |x0_hat| that dynamic thresholding scales by."""
     if kind not in THRESHOLDINGS:
         raise ValueError(f"unknown thresholding {kind!r}; allowed: {', '.join(THRESHOLDINGS)}")
     if kind == "static":
         return ClipDenoiser(denoiser, limit)
     if kind == "dynamic":
-        return DynamicThresholdDenoiser(denoiser)
+        return DynamicThresholdDenoiser(denoiser, percentile)
     return denoiser

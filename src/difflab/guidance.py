@@ -24,7 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from difflab.denoiser import Denoiser, DenoiserWrapper, device_of, thresholded
+from difflab.denoiser import DEFAULT_PERCENTILE, Denoiser, DenoiserWrapper, device_of, thresholded
 from difflab.process import Prediction, check_variance_type, model_log_variance
 from difflab.schedules import broadcast
 
@@ -352,8 +352,12 @@ def text_guidance(denoiser: Denoiser, scale: float, negative_prompt: str | None 
 
 def as_saved(denoiser: Denoiser, meta: dict) -> Denoiser:
     """`denoiser` (guided or not) thresholded as the model's diffusion.json says: its
-    "thresholding" kind and "thresholding_limit" (1 for pixels, +-3 for unit-variance latents)."""
-    return thresholded(denoiser, meta.get("thresholding", "none"), meta.get("thresholding_limit", 1.0))
+    "thresholding" kind, "thresholding_limit" (1 for pixels, +-3 for unit-variance latents) and,
+    for dynamic thresholding, "thresholding_percentile" (default Imagen's 0.995)."""
+    return thresholded(
+        denoiser, meta.get("thresholding", "none"), meta.get("thresholding_limit", 1.0),
+        meta.get("thresholding_percentile", DEFAULT_PERCENTILE),
+    )  # fmt: skip
 
 
 def class_labels(n: int, num_classes: int, label: int | Sequence[int] | None = None) -> Tensor:

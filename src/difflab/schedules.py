@@ -297,7 +297,8 @@ class Schedule:
         grid = self._ab_grid.to(sigma.device)
         sigma_max = self.sigmas[-1].to(sigma.device)
         if (sigma > sigma_max * (1.0 + 1e-9)).any():  # relative: alpha_bar_T can be far below any absolute tolerance
-            raise ValueError(f"sigma beyond the schedule's maximum {sigma_max.item():.4g}, got {sigma.max().item():.4g}")
+            got = sigma.max().item()
+            raise ValueError(f"sigma beyond the schedule's maximum {sigma_max.item():.4g}, got {got:.4g}")
         # grid is decreasing; find lo with grid[lo] >= ab >= grid[lo + 1]
         lo = (torch.searchsorted(-grid, -ab, right=True) - 1).clamp(0, self.T - 1)
         frac = (grid[lo] - ab) / (grid[lo] - grid[lo + 1])

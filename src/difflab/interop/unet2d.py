@@ -77,6 +77,7 @@ def to_diffusers_config(config: UNetConfig, sample_size: tuple[int, int]) -> dic
         "coordinate_channels": (c.coordinate_channels, "false"),
         "concat_channels": (c.concat_channels, "0"),
         "guidance_embedding": (getattr(c, "guidance_embedding", False), "false"),
+        "aug_level_embedding": (getattr(c, "aug_level_embedding", False), "false"),
     }
     for name, (value, allowed) in unsupported.items():
         if value not in (False, None, 0):

@@ -93,6 +93,15 @@ class GuidanceEmbedding(nn.Module):
         return self.mlp(features.to(self.mlp[0].weight.dtype))
 
 
+class AugmentationLevelEmbedding(GuidanceEmbedding):
+    """The noise-conditioning augmentation level s in [0, 1] of a super-resolution stage (Ho et
+    al. 2021): how corrupted its low-resolution condition is, so the stage knows how much to
+    trust it. Same shape as `GuidanceEmbedding` (zero-initialised last layer: a stage copied
+    from an unaugmented one starts out ignoring s); s is spread like a timestep in [0, 1000)."""
+
+    SCALE = 1000.0
+
+
 class LabelEmbedding(nn.Module):
     """Class label -> vector. Label ``num_classes`` is a learned "null" class for CFG.
 

@@ -10,6 +10,8 @@ attends to with cross-attention (``cond["context"]``, ``cond["context_mask"]``, 
   Its token states are the context; it is never trained and saves no weights.
 - :class:`TextConditionalUNet`: U-Net + text encoder in one module, so the training loop,
   EMA, checkpoints and ``save_pretrained`` handle both, and ``cond={"caption": [...]}`` works.
+  With ``freeze_text_encoder`` the encoder is fixed (Imagen's frozen encoder: trained once, by
+  its own recipe, or MiniLM) and its encodings are cached per caption (:class:`CaptionCache`).
 
 The empty caption ``""`` is the null condition for classifier-free guidance: the word tokenizer
 encodes it as the single real token ``<null>``, MiniLM as ``[CLS] [SEP]``.
@@ -21,6 +23,7 @@ import importlib
 import importlib.util
 import json
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -309,23 +312,86 @@ class FrozenSentenceEncoder(ConfigModule):
 # --------------------------------------------------------------------------- U-Net + text encoder
 
 
+class CaptionCache:
+    """A frozen encoder's encodings, one entry per caption, at most `size`, the least recently
+    used dropped first.
+
+    Why: a frozen encoder gives a caption the same tokens at every step, so encoding it again at
+    every training step is waste (for MiniLM, most of a small U-Net's step). Each caption is
+    encoded alone, so its entry does not depend on the captions it was first batched with and a
+    resumed run computes bit for bit what an uninterrupted one does. Entries hold the real tokens
+    only; a batch is right-padded with zeros and a False mask, as the encoders pad. The cache is
+    emptied when the encoder moves to another device or dtype (and, by its owner, when weights load)."""
+
+    def __init__(self, size: int):
+        check_int("text_cache_size", size, 1)
+        self.size = size
+        self.entries: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.where: tuple | None = None  # (device, dtype) the entries were computed on
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+    def encode(self, encoder: nn.Module, captions: Sequence[str], device: torch.device | str | None = None) -> dict:
+        weight = next(encoder.parameters(), None)
+        device = torch.device(device) if device is not None else (weight.device if weight is not None else None)
+        where = (device, None if weight is None else weight.dtype)
+        if where != self.where:
+            self.clear()
+            self.where = where
+        rows = []
+        for caption in captions:
+            row = self.entries.get(caption)
+            if row is None:
+                self.misses += 1
+                with torch.no_grad():
+                    one = encoder.encode([caption], device=device)
+                length = int(one["context_mask"][0].sum())
+                row = one["context"][0, :length].detach()
+                if weight is not None:  # as the encoder computes it, whatever autocast made of this call
+                    row = row.to(weight.dtype)
+                self.entries[caption] = row
+                if len(self.entries) > self.size:
+                    self.entries.popitem(last=False)
+            else:
+                self.hits += 1
+                self.entries.move_to_end(caption)
+            rows.append(row)
+        length = max(len(r) for r in rows)
+        context = rows[0].new_zeros(len(rows), length, rows[0].shape[-1])
+        mask = torch.zeros(len(rows), length, dtype=torch.bool, device=context.device)
+        for i, row in enumerate(rows):
+            context[i, : len(row)] = row
+            mask[i, : len(row)] = True
+        return {"context": context, "context_mask": mask}
+
+
 @dataclass(frozen=True)
 class TextConditionalUNetConfig(NetConfig):
     """unet: the denoising network's config ("class" defaults to "UNet"; context_dim defaults
     to the encoder's output dim). text_encoder: the encoder's config ("class" defaults to
     "TextEncoder"; "FrozenSentenceEncoder" for MiniLM). caption_dropout_prob: the rate at which the
     training task replaces captions by "", so one model learns p(x | c) and p(x) for CFG (the
-    network itself never drops them)."""
+    network itself never drops them). freeze_text_encoder: the encoder gets no gradient (its
+    weights come from elsewhere, e.g. a trained model's encoder, see the superres task's
+    text_encoder) and stays in eval mode; captions are encoded once each and kept in a cache of
+    text_cache_size captions (least recently used dropped first)."""
 
     unet: dict = field(default_factory=dict)
     text_encoder: dict = field(default_factory=dict)
     caption_dropout_prob: float = 0.1
+    freeze_text_encoder: bool = False
+    text_cache_size: int = 4096
 
     def validate(self) -> None:
         for name in ("unet", "text_encoder"):
             if not isinstance(getattr(self, name), dict):
                 raise ValueError(f"{name} must be a dict of network settings, got {getattr(self, name)!r}")
         check_probability("caption_dropout_prob", self.caption_dropout_prob)
+        if not isinstance(self.freeze_text_encoder, bool):
+            raise ValueError(f"freeze_text_encoder must be true or false, got {self.freeze_text_encoder!r}")
+        check_int("text_cache_size", self.text_cache_size, 1)
 
 
 class TextConditionalUNet(ConfigModule):
@@ -349,8 +415,21 @@ class TextConditionalUNet(ConfigModule):
                 f"{self.text_encoder.output_dim}-dimensional tokens; set them equal (or leave context_dim out)"
             )
         self.unet = build_network(unet)
+        self.caption_cache = None
+        if cfg.freeze_text_encoder:
+            self.text_encoder.requires_grad_(False).eval()
+            self.caption_cache = CaptionCache(cfg.text_cache_size)
+            self.register_load_state_dict_post_hook(lambda module, keys: module.caption_cache.clear())
+
+    def train(self, mode: bool = True) -> TextConditionalUNet:
+        super().train(mode)
+        if self.caption_cache is not None:  # a frozen encoder never trains (no dropout either)
+            self.text_encoder.eval()
+        return self
 
     def encode(self, captions: Sequence[str], device: torch.device | str | None = None) -> dict:
+        if self.caption_cache is not None:
+            return self.caption_cache.encode(self.text_encoder, captions, device=device)
         return self.text_encoder.encode(captions, device=device)
 
     def forward(self, x: torch.Tensor, t: Any, cond: dict | None = None) -> torch.Tensor:

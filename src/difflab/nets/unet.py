@@ -10,8 +10,9 @@ Conditioning (``forward(x, t, cond)``): t -> sinusoidal -> MLP gives ``emb``;
 ``cond["context"]`` is attended to by cross-attention at every attention location
 (and, with ``pooled_context``, its masked mean is added to ``emb`` as well);
 ``cond["concat"]`` is concatenated to x (and, with ``coordinate_channels``, two maps of the
-pixel coordinates); ``cond["control"]`` adds residuals to the skips and the middle block
-(see :meth:`UNet.control_shapes`).
+pixel coordinates); ``cond["aug_level"]`` (with ``aug_level_embedding``) adds an embedding of a
+super-resolution stage's augmentation level; ``cond["control"]`` adds residuals to the skips
+and the middle block (see :meth:`UNet.control_shapes`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .base import (
 )
 from .layers import (
     TIME_ORDERS,
+    AugmentationLevelEmbedding,
     BlockFactory,
     ConditionedSequential,
     Downsample,
@@ -96,7 +98,9 @@ class UNetConfig(BackboneConfig):
     2018): convolutions are translation-equivariant, so without it absolute position ("at the
     top left") must be inferred from the zero padding at the borders.
     guidance_embedding: take the guidance scale ``cond["w"]`` as an input (a guidance-distilled
-    student, see `GuidanceEmbedding`).
+    student, see `GuidanceEmbedding`). aug_level_embedding: take the noise-conditioning
+    augmentation level s in [0, 1] of a super-resolution stage as ``cond["aug_level"]``, embedded
+    like the time and added to the time embedding (see `AugmentationLevelEmbedding`).
 
     Four options exist so that diffusers' UNet2DModel maps onto this U-Net exactly
     (`difflab.interop`); their defaults are difflab's own behaviour. norm_eps: every
@@ -115,6 +119,7 @@ class UNetConfig(BackboneConfig):
     concat_channels: int = 0
     learn_sigma: bool = False
     guidance_embedding: bool = False
+    aug_level_embedding: bool = False
     norm_eps: float = 1e-5
     time_embedding_order: str = "cos_sin"
     time_frequency_shift: float = 0.0
@@ -143,6 +148,7 @@ class UNetConfig(BackboneConfig):
         check_bool("pooled_context", self.pooled_context)
         check_bool("coordinate_channels", self.coordinate_channels)
         check_bool("guidance_embedding", self.guidance_embedding)
+        check_bool("aug_level_embedding", self.aug_level_embedding)
         if self.pooled_context and self.context_dim is None:
             raise ValueError("pooled_context needs context_dim (the width of the context tokens to pool)")
         if self.context_dim is not None and not (
@@ -315,7 +321,8 @@ class UNetEncoder(nn.Module):
 
 COND_HINT = (
     '"y" needs num_classes, "context"/"context_mask" need context_dim, '
-    '"concat" needs concat_channels, "w" needs guidance_embedding; "control" is always accepted'
+    '"concat" needs concat_channels, "w" needs guidance_embedding, "aug_level" needs aug_level_embedding; '
+    '"control" is always accepted'
 )
 
 
@@ -341,6 +348,9 @@ class UNet(ConfigModule):
         )
         self.context_embed = nn.Linear(cfg.context_dim, embed_dim) if cfg.pooled_context else None
         self.guidance_embed = GuidanceEmbedding(cfg.model_channels, embed_dim) if cfg.guidance_embedding else None
+        self.aug_level_embed = (
+            AugmentationLevelEmbedding(cfg.model_channels, embed_dim) if cfg.aug_level_embedding else None
+        )
         blocks = block_factory(cfg, embed_dim, cfg.context_dim, norm_eps=cfg.norm_eps)
         input_channels = cfg.in_channels + cfg.concat_channels + (2 if cfg.coordinate_channels else 0)
         self.encoder = UNetEncoder(cfg, input_channels, blocks, mid_attention_norm=cfg.mid_attention_norm)
@@ -385,6 +395,8 @@ class UNet(ConfigModule):
             keys.append("concat")
         if cfg.guidance_embedding:
             keys.append("w")
+        if cfg.aug_level_embedding:
+            keys.append("aug_level")
         return (*keys, "control")
 
     def control_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
@@ -434,6 +446,9 @@ class UNet(ConfigModule):
         if self.guidance_embed is not None:
             w = require_cond(cond, "w", "UNet", "guidance_embedding=true")
             emb = emb + self.guidance_embed(prepare_timesteps(w, batch, x.device))
+        if self.aug_level_embed is not None:
+            s = require_cond(cond, "aug_level", "UNet", "aug_level_embedding=true")
+            emb = emb + self.aug_level_embed(check_aug_level(prepare_timesteps(s, batch, x.device)))
         context, context_mask = None, None
         if cfg.context_dim is not None:
             context = require_cond(cond, "context", "UNet", f"context_dim={cfg.context_dim}")
@@ -467,6 +482,13 @@ class UNet(ConfigModule):
                 got = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor)
                 raise ValueError(f'cond["control"][{i}] must have shape {expected}, got {got}')
         return list(control)
+
+
+def check_aug_level(s: torch.Tensor) -> torch.Tensor:
+    """cond["aug_level"] must be finite levels in [0, 1] (0 = a clean low-resolution condition)."""
+    if not bool(torch.isfinite(s).all()) or bool((s < 0).any()) or bool((s > 1).any()):
+        raise ValueError(f'cond["aug_level"] must lie in [0, 1] (0 = clean condition), got {s.tolist()}')
+    return s
 
 
 def coordinate_maps(x: torch.Tensor) -> torch.Tensor:

@@ -15,12 +15,18 @@ components connect and how to sample:
   "text" (with ``null_caption``).
   ``guidance_input``: true for a guidance-distilled network, which takes the guidance weight
   as an input (cond["w"]) instead of being run twice.
-- ``thresholding`` / ``thresholding_limit``: what sampling applies to x0_hat;
+- ``thresholding`` / ``thresholding_limit`` (/ ``thresholding_percentile`` of dynamic
+  thresholding, default 0.995): what sampling applies to x0_hat;
   ``sample``: the default sampler, steps, spacing, eta and guidance; ``data``: what it was
   trained on; ``latent``: the scale factor and image shape of a latent model.
 - ``control`` (a ControlNet, whose components are ``denoiser``, the locked base, and
   ``control``, the control branch): the control image's ``hint`` kind, ``channels`` and ``size``
   [H, W], and the default ``strength`` and ``guess_mode``.
+- ``superres`` (a super-resolution stage of a cascade): the ``low_size`` and ``channels`` of its
+  low-resolution condition, the ``upsample`` mode, the ``augmentation`` (none, noise, truncated)
+  with its ``aug_schedule``, trained ``aug_levels`` and default ``aug_level``.
+- ``cascade`` (a cascade, whose top-level fields are its base's): ``stages``, each a component
+  (a complete model folder) and its sampling settings; see `difflab.pipelines.cascade`.
 
 Version 1 manifests (written before the pipelines package) are upgraded on read.
 """
@@ -42,7 +48,7 @@ CONDITIONINGS = (None, "class", "text")
 KEY_ORDER = (
     "format", "version", "components", "schedule", "prediction", "denoiser_options", "variance", "sample_shape",
     "conditioning", "num_classes", "null_caption", "guidance_input", "thresholding", "thresholding_limit",
-    "sample", "data", "latent",
+    "thresholding_percentile", "sample", "data", "latent",
 )  # fmt: skip
 SAMPLE_DEFAULTS = {"sampler": "ddim", "steps": 50, "spacing": None, "n": 16, "eta": 0.0, "guidance": 0.0}
 # sanity limits, so that a crafted manifest is refused before anything is allocated
@@ -207,6 +213,9 @@ def check_manifest(manifest: dict, where: str | Path = MANIFEST_FILE) -> None:
         need(manifest["guidance_input"] is True and manifest.get("conditioning") is not None, "guidance_input",
              "true or false; true only for a conditional model (its network takes the guidance weight)")  # fmt: skip
     need(manifest.get("thresholding", "none") in THRESHOLDINGS, "thresholding", f"one of {', '.join(THRESHOLDINGS)}")
+    percentile = manifest.get("thresholding_percentile", 0.995)
+    need(isinstance(percentile, int | float) and not isinstance(percentile, bool) and 0 < percentile <= 1,
+         "thresholding_percentile", "a number in (0, 1] (dynamic thresholding's quantile of |x0_hat|)")  # fmt: skip
     need(isinstance(manifest.get("denoiser_options", {}), dict), "denoiser_options", "a dict of keyword options")
     if manifest.get("latent") is not None:
         need(AUTOENCODER in components, "components", f"an {AUTOENCODER!r} entry for a latent model")
@@ -219,6 +228,10 @@ def check_manifest(manifest: dict, where: str | Path = MANIFEST_FILE) -> None:
         shape = [spec["channels"], *size] if isinstance(size, list) and "channels" in spec else None
         rule = "a dict with the control image's channels and size [H, W]"
         need(_is_shape(shape) and len(shape) == 3, "control", rule)
+    if manifest.get("superres") is not None or manifest.get("cascade") is not None:
+        from difflab.pipelines.cascade import check_cascade_entries
+
+        check_cascade_entries(manifest, where)
     _check_sample_defaults(manifest["sample"], schedule, where)
 
 

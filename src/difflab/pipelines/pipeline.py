@@ -24,7 +24,16 @@ from difflab.denoiser import Denoiser, device_of, network_dtype
 from difflab.devices import parse_dtype, pick_device
 from difflab.guidance import check_scale, conditioned
 from difflab.pipelines.card import write_model_card
-from difflab.pipelines.folder import AUTOENCODER, CONTROL, DENOISER, component_dir, resolve, write_manifest
+from difflab.pipelines.folder import (
+    AUTOENCODER,
+    CONTROL,
+    DENOISER,
+    MANIFEST_FILE,
+    component_dir,
+    read_manifest,
+    resolve,
+    write_manifest,
+)
 from difflab.pipelines.load import LatentDecoder, load_decoder, load_pipeline
 from difflab.pipelines.sampling import sample_batched
 
@@ -44,8 +53,13 @@ class Pipeline:
         cls, model: str | Path, device: str | torch.device | None = "auto", dtype: str | torch.dtype | None = None
     ) -> Pipeline:
         """Load a shipped model by name (`difflab models` lists them), a run folder or a model
-        folder; `device` "auto" is CUDA where present; `dtype` float32 (default), bf16 or fp16."""
+        folder; `device` "auto" is CUDA where present; `dtype` float32 (default), bf16 or fp16.
+        A cascade folder loads as a `difflab.pipelines.cascade.CascadePipeline`."""
         directory = resolve(model)
+        if (directory / MANIFEST_FILE).is_file() and read_manifest(directory).get("cascade") is not None:
+            from difflab.pipelines.cascade import CascadePipeline
+
+            return CascadePipeline.from_pretrained(directory, device, dtype)
         device, dtype = pick_device(device), parse_dtype(dtype)
         denoiser, manifest = load_pipeline(directory, device, dtype)
         return cls(denoiser, manifest, load_decoder(directory, device, dtype), directory)
@@ -128,6 +142,11 @@ class Pipeline:
             guidance = check_scale(guidance_scale) - 1.0
         if guidance is None:
             guidance = self.manifest["sample"].get("guidance", 0.0) if self.conditioning else 0.0
+        if self.manifest.get("superres") is not None:
+            raise ValueError(
+                "this model is a super-resolution stage: it refines a base model's samples; join them in a cascade "
+                "(difflab cascade BASE STAGE --out DIR, then difflab sample DIR)"
+            )
         denoiser, cond = conditioned(
             self.denoiser, self.manifest, n, scale=guidance, label=label, prompt=prompt,
             negative_prompt=negative_prompt,

@@ -42,6 +42,7 @@ RESUMABLE_CHANGES = (
     "sample.thresholding",
     "control.strength",
     "control.guess_mode",
+    "superres.aug_level",
 )
 THRESHOLDING_CHOICES = ("auto", "none", "static", "dynamic")
 FLOAT32_MAX = 3.4028234663852886e38  # every float of a recipe must be a finite float32: lr = 1e39 overflows
@@ -304,6 +305,57 @@ class ControlConfig:
         _require(0.0 <= self.strength < math.inf, "control.strength", self.strength, "a finite number >= 0")
 
 
+@dataclass
+class SuperResConfig:
+    """A super-resolution stage of a cascade (task = "super_resolution", Ho et al. 2021): [data]
+    is the high resolution; each image is downsampled (area average) to `low_size`, corrupted by
+    conditioning augmentation and resized back up (`upsample`: bicubic, bilinear or nearest) to be
+    concatenated to x_t. `augmentation`: "none" (the clean low-res image), "noise" (non-truncated:
+    q(z_s | z) on the named `aug_schedule` of `aug_T` steps) or "truncated" (the same noising on
+    the schedule of the `base` model, whose chain the cascade stops at step s). `aug_levels`:
+    [low, high], the range of s in [0, 1] drawn per example (s = 0 clean, 1 = pure noise; s T is
+    the schedule's step; "none" ignores it and aug_level). `aug_level`: the level the exported
+    stage samples with by default. `blur_sigma`: [low, high] std (low-res pixels) of a Gaussian
+    blur applied to a share `blur_prob` of the conditions before the noise ([] = no blur).
+    `base`: the model the stage refines (a model folder, run or shipped name; needed for
+    "truncated", otherwise only checked against). `text_encoder`: a text-conditional model whose
+    text encoder the stage uses, frozen (its weights are copied into the stage's
+    [model.text_encoder], which must have the same settings, and [model] must set
+    freeze_text_encoder = true)."""
+
+    low_size: int = 0
+    augmentation: str = "noise"
+    aug_levels: list[float] = field(default_factory=lambda: [0.0, 0.5])
+    aug_level: float = 0.0
+    aug_schedule: str = "cosine"
+    aug_T: int = 1000
+    upsample: str = "bicubic"
+    blur_sigma: list[float] = field(default_factory=list)
+    blur_prob: float = 0.5
+    base: str = ""
+    text_encoder: str = ""
+
+    def validate(self) -> None:
+        from difflab.data.resize import UPSAMPLE_MODES
+        from difflab.methods.cascade import AUGMENTATIONS
+
+        _require(self.low_size >= 0, "superres.low_size", self.low_size, "an int >= 1 (the low resolution, pixels)")
+        _choice("superres.augmentation", self.augmentation, AUGMENTATIONS)
+        levels = self.aug_levels
+        _require(len(levels) == 2 and 0.0 <= levels[0] <= levels[1] <= 1.0, "superres.aug_levels", levels,
+                 "[low, high] with 0 <= low <= high <= 1")  # fmt: skip
+        _require(0.0 <= self.aug_level <= 1.0, "superres.aug_level", self.aug_level, "a level in [0, 1]")
+        _choice("superres.aug_schedule", self.aug_schedule, SCHEDULE_NAMES)
+        _require(1 <= self.aug_T <= MAX_T, "superres.aug_T", self.aug_T, f"an int in [1, {MAX_T}]")
+        _choice("superres.upsample", self.upsample, UPSAMPLE_MODES)
+        b = self.blur_sigma
+        _require(not b or (len(b) == 2 and 0.0 <= b[0] <= b[1] <= 100.0), "superres.blur_sigma", b,
+                 "[] (no blur) or [low, high] with 0 <= low <= high <= 100 (pixels)")  # fmt: skip
+        _require(0.0 <= self.blur_prob <= 1.0, "superres.blur_prob", self.blur_prob, "a number in [0, 1]")
+        _require(self.augmentation != "truncated" or bool(self.base), "superres.base", self.base,
+                 'a model folder, run or shipped name: augmentation = "truncated" noises on its schedule')  # fmt: skip
+
+
 SECTIONS: dict[str, type] = {
     "diffusion": DiffusionConfig,
     "train": TrainConfig,
@@ -312,6 +364,7 @@ SECTIONS: dict[str, type] = {
     "distill": DistillConfig,
     "consistency": ConsistencyConfig,
     "control": ControlConfig,
+    "superres": SuperResConfig,
 }
 
 
@@ -329,6 +382,7 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
+    superres: SuperResConfig = field(default_factory=SuperResConfig)
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:

@@ -11,7 +11,7 @@ from torch import nn
 
 from difflab.train.config import Config
 
-SAMPLING_TASKS = ("diffusion", "text_diffusion")  # their sample grids and exported models use [sample]
+SAMPLING_TASKS = ("diffusion", "text_diffusion", "super_resolution")  # their grids and exports use [sample]
 
 
 def check_recipe(config: Config) -> None:
@@ -59,4 +59,6 @@ def check_sampling(config: Config, network: nn.Module | None) -> None:
 
 def is_conditional(config: Config, network: nn.Module | None) -> bool:
     """Whether the run trains a class- or text-conditional network."""
-    return config.task == "text_diffusion" or getattr(getattr(network, "config", None), "num_classes", None) is not None
+    if config.task == "text_diffusion" or config.model.get("class") == "TextConditionalUNet":
+        return True
+    return getattr(getattr(network, "config", None), "num_classes", None) is not None

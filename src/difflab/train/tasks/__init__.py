@@ -4,8 +4,9 @@ of tasks by recipe name (``task = "..."``).
 The loop knows only the `Task` protocol, so diffusion, classifiers, autoencoders or
 distillation are trained by the same loop: a new task family is a module in this package, a
 class and a name in `TASKS`. One module per family: `diffusion` (denoisers, text-to-image),
-`autoencoder`, `classifier`, `control` (ControlNet on a locked base); `conditions` (condition
-dropout) and `frozen` (modules a task uses but never trains) are the shared parts of the contract.
+`autoencoder`, `classifier`, `control` (ControlNet on a locked base), `superres` (a cascade's
+super-resolution stages); `conditions` (condition dropout) and `frozen` (modules a task uses but
+never trains) are the shared parts of the contract.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from difflab.train.tasks.diffusion import (
 )
 from difflab.train.tasks.distill import ProgressiveDistillationTask
 from difflab.train.tasks.frozen import Frozen, fingerprint
+from difflab.train.tasks.superres import SuperResolutionTask
 
 
 @dataclass(frozen=True)
@@ -149,6 +151,7 @@ TASKS: dict[str, type[Task]] = {
     "progressive_distillation": ProgressiveDistillationTask,
     "consistency": ConsistencyTask,
     "control": ControlTask,
+    "super_resolution": SuperResolutionTask,
 }
 
 
@@ -177,6 +180,7 @@ __all__ = [
     "NoisyClassifierTask",
     "ProgressiveDistillationTask",
     "SharedTimesteps",
+    "SuperResolutionTask",
     "Task",
     "TextDiffusionTask",
     "build_task",
