@@ -396,6 +396,9 @@ REFUSED_DIFFLAB = [
     ("coordinate_channels", dict(coordinate_channels=True)),
     ("num_heads", dict(num_heads=2, attention_resolutions=(1, 2))),
     ("mid_attention_norm", dict(mid_attention_norm=False, use_scale_shift_norm=False)),
+    ("guidance_embedding", dict(guidance_embedding=True)),
+    ("aug_level_embedding", dict(aug_level_embedding=True)),
+    ("image_embed_dim", dict(image_embed_dim=8)),
 ]
 
 

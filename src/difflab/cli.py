@@ -1,4 +1,4 @@
-"""The `difflab` command: train | sample | eval | demo | models | export | cascade | serve | schedules."""
+"""The `difflab` command: train | sample | eval | demo | models | export | cascade | unclip | serve | schedules."""
 
 from __future__ import annotations
 
@@ -119,9 +119,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     from difflab.data.images import save_grid, to_uint8_images
     from difflab.pipelines.cascade import CascadePipeline
+    from difflab.pipelines.unclip import is_unclip
     from difflab.viz import save_labelled_grid, save_samples
 
     out = _output_dir(args.out)
+    if is_unclip(args.model):
+        return _sample_unclip(args, out)
+    if args.variations is not None:
+        raise ValueError("--variations is for unCLIP models (difflab unclip PRIOR DECODER --out DIR)")
     pipe = _pipeline(args)
     prompts = None
     if args.prompt is not None:  # one prompt per --prompt, cycled over the samples
@@ -151,6 +156,36 @@ def cmd_sample(args: argparse.Namespace) -> int:
     each = f" and {args.n} PNGs in {out / 'images'}" if args.save_each and x.ndim == 4 else ""
     settings = pipe.settings(args.sampler, args.steps, args.spacing, args.eta)
     print(f"wrote {out / 'samples.png'}, {out / 'samples.npz'}{each} ({args.n} samples in {seconds:.1f} s, {settings})")
+    return 0
+
+
+def _sample_unclip(args: argparse.Namespace, out: Path) -> int:
+    """An unCLIP model: text -> prior -> decoder (--prompt), or variations of an image (--variations)."""
+    from difflab.devices import pick_device
+    from difflab.pipelines.unclip import UnCLIPPipeline
+    from difflab.viz import save_labelled_grid
+
+    if (args.prompt is None) == (args.variations is None):
+        raise ValueError("an unCLIP model needs exactly one of --prompt (text -> image) or --variations IMAGE.png")
+    pipe = UnCLIPPipeline.from_pretrained(args.model, device=pick_device(args.device))
+    guidance = args.guidance if args.guidance_scale is None else args.guidance_scale - 1.0
+    options = {"guidance": guidance, "steps": args.steps, "sampler": args.sampler, "seed": args.seed}
+    if args.variations is not None:
+        x, labels = pipe.variations(args.variations, args.n, **options), None
+    else:
+        labels = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
+        x = pipe.generate(args.n, prompt=labels, **options)
+    save_labelled_grid(x, out / "samples.png", labels, nrow=args.nrow)
+    print(f"wrote {out / 'samples.png'} ({args.n} unCLIP samples)")
+    return 0
+
+
+def cmd_unclip(args: argparse.Namespace) -> int:
+    """Join a trained prior and decoder (and their encoder) into one unCLIP folder."""
+    from difflab.pipelines.unclip import assemble_unclip
+
+    out = assemble_unclip(args.prior, args.decoder, args.out, args.prior_guidance)
+    print(f"wrote the unCLIP model {out}; sample it with: difflab sample {out} --prompt ...")
     return 0
 
 
@@ -483,6 +518,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--stage", action="append", default=[], metavar="K.KEY=VALUE",
                    help="cascades: a setting of stage K (0 = the base): sampler, steps, spacing, eta, guidance, "
                         "thresholding (none, static, dynamic), percentile, aug_level (super-resolution stages)")
+    s.add_argument("--variations", metavar="PNG", help="unCLIP models: decode this image's CLIP embedding --n times")
     s.add_argument("--nrow", type=positive_int, help="images per grid row (default: square)")
     s.add_argument("--save-each", action="store_true", help="also one PNG per sample in OUT/images/ (for FID tools)")
     s.add_argument("--out", default="out/samples")
@@ -525,6 +561,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the default setting of stage K (as difflab sample --stage), e.g. 1.aug_level=0.2")
     a.add_argument("--out", required=True, help="a new folder")
     a.set_defaults(func=cmd_cascade)
+
+    u = sub.add_parser("unclip", help="join a trained unCLIP prior and decoder into one model folder")
+    u.add_argument("prior", help='the prior (task = "unclip_prior"): run or model folder')
+    u.add_argument("decoder", help='the decoder (task = "unclip_decoder"): run or model folder')
+    u.add_argument("--prior-guidance", type=finite_float, default=1.0, help="the prior's default CFG weight")
+    u.add_argument("--out", required=True, help="a new folder")
+    u.set_defaults(func=cmd_unclip)
 
     v = sub.add_parser("serve", help="a local web page to sample from models (http://127.0.0.1:8000/)")
     v.add_argument("model", nargs="*", help="run folders, model folders or shipped names (default: every shipped one)")

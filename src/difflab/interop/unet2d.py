@@ -78,6 +78,7 @@ def to_diffusers_config(config: UNetConfig, sample_size: tuple[int, int]) -> dic
         "concat_channels": (c.concat_channels, "0"),
         "guidance_embedding": (getattr(c, "guidance_embedding", False), "false"),
         "aug_level_embedding": (getattr(c, "aug_level_embedding", False), "false"),
+        "image_embed_dim": (getattr(c, "image_embed_dim", None), "null (unCLIP decoders are not mapped)"),
     }
     for name, (value, allowed) in unsupported.items():
         if value not in (False, None, 0):

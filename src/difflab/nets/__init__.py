@@ -20,11 +20,14 @@ from .base import (
     load_network,
 )
 from .classifier import NoisyClassifier, NoisyClassifierConfig
+from .clip import CLIP, CLIPConfig
 from .controlnet import ControlledUNet, ControlNet, ControlNetConfig
+from .decoder import UnCLIPDecoder, UnCLIPDecoderConfig
 from .discriminator import PatchDiscriminator, PatchDiscriminatorConfig
 from .dit import DIT_PRESETS, DiT, DiTConfig, count_parameters, dit_config
 from .layers import timestep_embedding
 from .mlp import MLP, MLPConfig
+from .prior import DiffusionPrior, EmbeddingStandardizer, PriorConfig
 from .quantizer import VectorQuantizer
 from .text import (
     FrozenSentenceEncoder,
@@ -71,4 +74,11 @@ __all__ = [
     "WordTokenizer",
     "MLP",
     "MLPConfig",
+    "CLIP",
+    "CLIPConfig",
+    "DiffusionPrior",
+    "EmbeddingStandardizer",
+    "PriorConfig",
+    "UnCLIPDecoder",
+    "UnCLIPDecoderConfig",
 ]

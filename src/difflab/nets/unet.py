@@ -101,6 +101,8 @@ class UNetConfig(BackboneConfig):
     student, see `GuidanceEmbedding`). aug_level_embedding: take the noise-conditioning
     augmentation level s in [0, 1] of a super-resolution stage as ``cond["aug_level"]``, embedded
     like the time and added to the time embedding (see `AugmentationLevelEmbedding`).
+    image_embed_dim: take a (B, image_embed_dim) embedding ``cond["image_embed"]`` (unCLIP's
+    decoder: a CLIP image embedding), projected and added to the time embedding.
 
     Four options exist so that diffusers' UNet2DModel maps onto this U-Net exactly
     (`difflab.interop`); their defaults are difflab's own behaviour. norm_eps: every
@@ -120,6 +122,7 @@ class UNetConfig(BackboneConfig):
     learn_sigma: bool = False
     guidance_embedding: bool = False
     aug_level_embedding: bool = False
+    image_embed_dim: int | None = None
     norm_eps: float = 1e-5
     time_embedding_order: str = "cos_sin"
     time_frequency_shift: float = 0.0
@@ -149,6 +152,7 @@ class UNetConfig(BackboneConfig):
         check_bool("coordinate_channels", self.coordinate_channels)
         check_bool("guidance_embedding", self.guidance_embedding)
         check_bool("aug_level_embedding", self.aug_level_embedding)
+        check_optional_int("image_embed_dim", self.image_embed_dim, 1)
         if self.pooled_context and self.context_dim is None:
             raise ValueError("pooled_context needs context_dim (the width of the context tokens to pool)")
         if self.context_dim is not None and not (
@@ -321,7 +325,8 @@ class UNetEncoder(nn.Module):
 
 COND_HINT = (
     '"y" needs num_classes, "context"/"context_mask" need context_dim, '
-    '"concat" needs concat_channels, "w" needs guidance_embedding, "aug_level" needs aug_level_embedding; '
+    '"concat" needs concat_channels, "w" needs guidance_embedding, "aug_level" needs aug_level_embedding, '
+    '"image_embed" needs image_embed_dim; '
     '"control" is always accepted'
 )
 
@@ -351,6 +356,7 @@ class UNet(ConfigModule):
         self.aug_level_embed = (
             AugmentationLevelEmbedding(cfg.model_channels, embed_dim) if cfg.aug_level_embedding else None
         )
+        self.image_embed_proj = nn.Linear(cfg.image_embed_dim, embed_dim) if cfg.image_embed_dim else None
         blocks = block_factory(cfg, embed_dim, cfg.context_dim, norm_eps=cfg.norm_eps)
         input_channels = cfg.in_channels + cfg.concat_channels + (2 if cfg.coordinate_channels else 0)
         self.encoder = UNetEncoder(cfg, input_channels, blocks, mid_attention_norm=cfg.mid_attention_norm)
@@ -397,6 +403,8 @@ class UNet(ConfigModule):
             keys.append("w")
         if cfg.aug_level_embedding:
             keys.append("aug_level")
+        if cfg.image_embed_dim:
+            keys.append("image_embed")
         return (*keys, "control")
 
     def control_shapes(self, height: int, width: int) -> list[tuple[int, int, int]]:
@@ -449,6 +457,12 @@ class UNet(ConfigModule):
         if self.aug_level_embed is not None:
             s = require_cond(cond, "aug_level", "UNet", "aug_level_embedding=true")
             emb = emb + self.aug_level_embed(check_aug_level(prepare_timesteps(s, batch, x.device)))
+        if self.image_embed_proj is not None:
+            e = require_cond(cond, "image_embed", "UNet", f"image_embed_dim={cfg.image_embed_dim}")
+            if not isinstance(e, torch.Tensor) or tuple(e.shape) != (batch, cfg.image_embed_dim):
+                got = getattr(e, "shape", e)
+                raise ValueError(f'cond["image_embed"] must be ({batch}, {cfg.image_embed_dim}), got {got}')
+            emb = emb + self.image_embed_proj(e.to(emb.dtype))
         context, context_mask = None, None
         if cfg.context_dim is not None:
             context = require_cond(cond, "context", "UNet", f"context_dim={cfg.context_dim}")

@@ -14,12 +14,15 @@ from difflab.pipelines.folder import (
 from difflab.pipelines.load import LatentDecoder, load_decoder, load_pipeline
 from difflab.pipelines.pipeline import Pipeline
 from difflab.pipelines.sampling import sample_batched, sample_seeds
+from difflab.pipelines.unclip import UnCLIPPipeline, assemble_unclip
 
 __all__ = [
     "MANIFEST_FILE",
     "MODEL_DIR",
     "LatentDecoder",
     "Pipeline",
+    "UnCLIPPipeline",
+    "assemble_unclip",
     "find_model_dir",
     "load_decoder",
     "load_pipeline",

@@ -54,12 +54,20 @@ class Pipeline:
     ) -> Pipeline:
         """Load a shipped model by name (`difflab models` lists them), a run folder or a model
         folder; `device` "auto" is CUDA where present; `dtype` float32 (default), bf16 or fp16.
-        A cascade folder loads as a `difflab.pipelines.cascade.CascadePipeline`."""
+        A cascade folder loads as a `difflab.pipelines.cascade.CascadePipeline`, an unCLIP folder
+        as a `difflab.pipelines.unclip.UnCLIPPipeline` (float32)."""
         directory = resolve(model)
         if (directory / MANIFEST_FILE).is_file() and read_manifest(directory).get("cascade") is not None:
             from difflab.pipelines.cascade import CascadePipeline
 
             return CascadePipeline.from_pretrained(directory, device, dtype)
+        from difflab.pipelines.unclip import UnCLIPPipeline, is_unclip
+
+        if is_unclip(directory):
+
+            if dtype is not None and parse_dtype(dtype) not in (None, torch.float32):
+                raise ValueError(f"unCLIP models sample in float32; got dtype {dtype!r}")
+            return UnCLIPPipeline.from_pretrained(directory, pick_device(device))
         device, dtype = pick_device(device), parse_dtype(dtype)
         denoiser, manifest = load_pipeline(directory, device, dtype)
         return cls(denoiser, manifest, load_decoder(directory, device, dtype), directory)

@@ -356,6 +356,29 @@ class SuperResConfig:
                  'a model folder, run or shipped name: augmentation = "truncated" noises on its schedule')  # fmt: skip
 
 
+@dataclass
+class UnCLIPConfig:
+    """unCLIP's prior and decoder (task = "unclip_prior" / "unclip_decoder"): `clip` is the folder
+    of the frozen contrastive encoder (a "contrastive" run or its model/). `caption_dropout`: the
+    share of captions replaced by "" (prior: ~10%; decoder: ~50%); `image_dropout`: the decoder's
+    share of image embeddings replaced by zeros (~10%), drawn independently of the captions.
+    `stats_examples`: training images whose embeddings give the prior's standardisation.
+    `draws`: prior samples per caption at sampling, the closest to the text kept."""
+
+    clip: str = ""
+    caption_dropout: float = 0.1
+    image_dropout: float = 0.1
+    stats_examples: int = 2048
+    draws: int = 2
+
+    def validate(self) -> None:
+        for key in ("caption_dropout", "image_dropout"):
+            value = getattr(self, key)
+            _require(0.0 <= value <= 1.0, f"unclip.{key}", value, "a number in [0, 1]")
+        _require(self.stats_examples >= 2, "unclip.stats_examples", self.stats_examples, "an int >= 2")
+        _require(1 <= self.draws <= 64, "unclip.draws", self.draws, "an int in [1, 64]")
+
+
 SECTIONS: dict[str, type] = {
     "diffusion": DiffusionConfig,
     "train": TrainConfig,
@@ -365,6 +388,7 @@ SECTIONS: dict[str, type] = {
     "consistency": ConsistencyConfig,
     "control": ControlConfig,
     "superres": SuperResConfig,
+    "unclip": UnCLIPConfig,
 }
 
 
@@ -383,6 +407,7 @@ class Config:
     consistency: ConsistencyConfig = field(default_factory=ConsistencyConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     superres: SuperResConfig = field(default_factory=SuperResConfig)
+    unclip: UnCLIPConfig = field(default_factory=UnCLIPConfig)
 
     @classmethod
     def from_dict(cls, raw: dict) -> Config:

@@ -33,6 +33,7 @@ from difflab.train.tasks.classifier import (
 )
 from difflab.train.tasks.conditions import NULL_CAPTION, drop_captions, drop_labels, drop_mask
 from difflab.train.tasks.consistency import ConsistencyTask
+from difflab.train.tasks.contrastive import ContrastiveTask
 from difflab.train.tasks.control import ControlTask
 from difflab.train.tasks.diffusion import (
     LATENT_DIR,
@@ -43,6 +44,7 @@ from difflab.train.tasks.diffusion import (
 from difflab.train.tasks.distill import ProgressiveDistillationTask
 from difflab.train.tasks.frozen import Frozen, fingerprint
 from difflab.train.tasks.superres import SuperResolutionTask
+from difflab.train.tasks.unclip import DecoderTask, PriorTask
 
 
 @dataclass(frozen=True)
@@ -152,6 +154,9 @@ TASKS: dict[str, type[Task]] = {
     "consistency": ConsistencyTask,
     "control": ControlTask,
     "super_resolution": SuperResolutionTask,
+    "contrastive": ContrastiveTask,
+    "unclip_prior": PriorTask,
+    "unclip_decoder": DecoderTask,
 }
 
 
@@ -173,11 +178,14 @@ __all__ = [
     "AutoencoderTask",
     "ClassifierTask",
     "ConsistencyTask",
+    "ContrastiveTask",
+    "DecoderTask",
     "ControlTask",
     "DataInfo",
     "DiffusionTask",
     "Frozen",
     "NoisyClassifierTask",
+    "PriorTask",
     "ProgressiveDistillationTask",
     "SharedTimesteps",
     "SuperResolutionTask",
