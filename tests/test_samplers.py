@@ -10,7 +10,7 @@ import torch
 
 from difflab.denoiser import MixtureDenoiser
 from difflab.mixture import GaussianMixture
-from difflab.samplers import SAMPLERS, ddim, ddim_invert, ddpm, get_timesteps, sample, slerp
+from difflab.samplers import DEFAULT_SPACING, SAMPLERS, ddim, ddim_invert, ddpm, get_timesteps, sample, slerp
 from test_samplers_support import (
     MIXTURE,
     SCHEDULES,
@@ -243,7 +243,7 @@ def test_callback_sees_every_step_in_vp_coordinates():
         progress=False,
         callback=lambda i, t, x, p: seen.append((i, t, x.clone(), p.x0.clone())),
     )
-    ts = get_timesteps(den.schedule, 6, "karras").tolist()
+    ts = get_timesteps(den.schedule, 6, DEFAULT_SPACING["euler"]).tolist()
     assert [s[0] for s in seen] == list(range(6)) and [s[1] for s in seen] == ts
     assert torch.equal(seen[-1][2], x) and torch.equal(seen[-1][3], x)
     # intermediate states are VP: at level t the spread is ~ sqrt(ab var + 1 - ab) ~ 1, not sigma

@@ -498,7 +498,8 @@ def build_parser() -> argparse.ArgumentParser:
                                          "(default: the model's)")  # fmt: skip
         c.add_argument("--steps", type=positive_int, help="sampler steps, 1 to the model's T (default: the model's)")
         c.add_argument("--spacing", help=f"timestep spacing: {', '.join(SPACINGS)}, 'ddimS' or '10,15,20'")
-        c.add_argument("--eta", type=finite_float, help="DDIM eta (0 = deterministic)")
+        c.add_argument("--eta", type=finite_float,
+                       help="noise share: ddim (default 0, deterministic), euler_a and dpmpp_2m_sde (default 1)")
         c.add_argument("--n", type=positive_int, default=n, help="number of samples")
         c.add_argument("--seed", type=seed_int, default=0)
         c.add_argument("--batch-size", type=positive_int, default=256, help="samples per network batch")

@@ -112,7 +112,8 @@ class Pipeline:
         self, sampler: str | None = None, steps: int | None = None, spacing: str | None = None, eta: float | None = None
     ) -> dict:
         """The sampler settings of a call: what is given, else the model's defaults; an alias
-        such as "dpmpp_2m_karras" becomes its sampler and spacing."""
+        such as "dpmpp_2m_karras" becomes its sampler and spacing. eta None: the model's eta
+        with the model's sampler, the sampler's own default with another (euler_a: 1)."""
         from difflab.samplers import resolve_sampler
 
         defaults = self.manifest["sample"]
@@ -120,11 +121,14 @@ class Pipeline:
             sampler if sampler is not None else defaults["sampler"],
             spacing if spacing is not None else defaults.get("spacing"),
         )
+        if eta is None:  # the model's eta goes with the model's sampler; another sampler keeps its own default
+            same = sampler == resolve_sampler(defaults["sampler"], defaults.get("spacing"))[0]
+            eta = defaults.get("eta") if same else None
         return {
             "sampler": sampler,
             "steps": steps if steps is not None else defaults["steps"],
             "spacing": spacing,
-            "eta": eta if eta is not None else defaults.get("eta", 0.0),
+            "eta": eta,
         }
 
     def condition(

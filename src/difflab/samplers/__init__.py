@@ -5,7 +5,7 @@ timesteps, draws x_T and runs a sampler by name.
 x_T is always in VP coordinates (x_T ~ N(0, I) at the first listed timestep) and every
 sampler returns clean data (its last step lands on x0_hat). `steps` counts sampler steps,
 not network evaluations: Heun costs 2 steps - 1, PC steps * (1 + n_corrector), Langevin
-steps * n_steps + 1 NFE.
+steps * n_steps + 1 NFE; every other sampler one NFE per step.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import Denoiser
+from difflab.samplers.ancestral import dpmpp_2m_sde, euler_ancestral
 from difflab.samplers.consistency import consistency
 from difflab.samplers.ddim import check_eta, ddim, ddim_invert, slerp
 from difflab.samplers.ddpm import ddpm
@@ -24,6 +25,7 @@ from difflab.samplers.langevin import annealed_langevin, predictor_corrector
 from difflab.samplers.loop import Callback, Generators, SamplerLoop, check_generator, randn
 from difflab.samplers.ode import dpmpp_2m, euler, heun
 from difflab.samplers.timesteps import SPACINGS, get_timesteps, is_respacing_string, space_timesteps
+from difflab.samplers.unipc import unipc
 from difflab.schedules import Schedule
 
 SAMPLERS = {
@@ -34,19 +36,30 @@ SAMPLERS = {
     "dpmpp_2m": dpmpp_2m,
     "langevin": annealed_langevin,
     "pc": predictor_corrector,
+    "euler_a": euler_ancestral,
+    "dpmpp_2m_sde": dpmpp_2m_sde,
+    "unipc": unipc,
     "consistency": consistency,
 }
 
-# Euler/Heun: Karras et al.'s spacing; DPM-Solver++ steps uniformly in log-SNR (= geometric
-# sigmas), as its authors recommend, which also measured best at 10-20 NFE in our benchmark;
-# ancestral chains need integer steps.
+# Measured on the mixture oracle against diffusers' counterparts (benchmarks/samplers.py):
+# samplers whose last step lands on x0_hat do best at few steps when the last listed level is
+# one stride above t = 0 ("trailing", as diffusers' multistep solvers space their steps): an
+# evaluation at sigma_min ~ 0.01 is nearly wasted. Karras's ladder and geometric sigmas crowd
+# the steps below the data's scale on a VP schedule (Euler: 8.7x the noise floor at 5 NFE vs
+# 5.0x trailing). Heun: uniform in t, as diffusers does, with its stiff-step guard (`heun`).
+# DDIM/DDPM keep "linspace", the spacing the shipped models' numbers were measured with
+# ("trailing" is better at <= 20 steps). Ancestral chains need integer steps.
 DEFAULT_SPACING = {
     "ddpm": "linspace",
     "ddim": "linspace",
     "pc": "linspace",
-    "euler": "karras",
-    "heun": "karras",
-    "dpmpp_2m": "geometric",
+    "euler": "trailing",
+    "heun": "linspace",
+    "dpmpp_2m": "trailing",
+    "euler_a": "trailing",
+    "dpmpp_2m_sde": "trailing",
+    "unipc": "trailing",
     "langevin": "geometric",
     "consistency": "trailing",  # the first level is T - 1: pure noise, as one-step generation needs
 }
@@ -57,9 +70,16 @@ SAMPLER_ALIASES = {
     "dpm++_2m": ("dpmpp_2m", None),
     "dpm++_2m_karras": ("dpmpp_2m", "karras"),
     "euler_karras": ("euler", "karras"),
+    "euler_ancestral": ("euler_a", None),
+    "dpm++_2m_sde": ("dpmpp_2m_sde", None),
+    "dpmpp_2m_sde_karras": ("dpmpp_2m_sde", "karras"),
     "heun_karras": ("heun", "karras"),
     "ddim_trailing": ("ddim", "trailing"),
 }
+
+
+# samplers with a noise share eta (0 = deterministic), which `sample(eta=...)` sets
+ETA_SAMPLERS = ("ddim", "euler_a", "dpmpp_2m_sde")
 
 
 def resolve_sampler(name: str, spacing: str | None = None) -> tuple[str, str | None]:
@@ -78,6 +98,7 @@ def resolve_sampler(name: str, spacing: str | None = None) -> tuple[str, str | N
 __all__ = [
     "SAMPLER_ALIASES",
     "DEFAULT_SPACING",
+    "ETA_SAMPLERS",
     "SAMPLERS",
     "SPACINGS",
     "SamplerLoop",
@@ -88,7 +109,9 @@ __all__ = [
     "ddim_invert",
     "ddpm",
     "dpmpp_2m",
+    "dpmpp_2m_sde",
     "euler",
+    "euler_ancestral",
     "get_timesteps",
     "heun",
     "predictor_corrector",
@@ -99,6 +122,7 @@ __all__ = [
     "sampling_plan",
     "slerp",
     "space_timesteps",
+    "unipc",
 ]
 
 
@@ -107,7 +131,7 @@ def sample(
     shape: Sequence[int],
     sampler: str = "ddim",
     steps: int | None = 50,
-    eta: float = 0.0,
+    eta: float | None = None,
     spacing: str | None = None,
     generator: Generators = None,
     progress: bool = True,
@@ -122,12 +146,13 @@ def sample(
 ) -> Tensor:
     """Draw `shape[0]` samples with the named sampler (one of `SAMPLERS`).
 
-    `spacing` (default per sampler, `DEFAULT_SPACING`: karras for euler/heun, geometric for
-    dpmpp_2m and langevin, linspace otherwise) is one of `SPACINGS` or an improved-diffusion respacing string
-    ("ddim25", "10,15,20"), which fixes the number of steps itself (then pass steps=None or
-    the same count). `eta` is DDIM's; `generator` is a torch.Generator or a list of them, one
-    per example, so an example does not depend on the batch size. `options` go to the sampler
-    (ddpm: variance; langevin: n_steps, step_size, denoise; pc: snr, n_corrector, variance)."""
+    `spacing` (default per sampler, `DEFAULT_SPACING`) is one of `SPACINGS` or an
+    improved-diffusion respacing string ("ddim25", "10,15,20"), which fixes the number of steps
+    itself (then pass steps=None or the same count). `eta` is the noise share of ddim (default
+    0), euler_a and dpmpp_2m_sde (default 1): `ETA_SAMPLERS`. `generator` is a torch.Generator
+    or a list of them, one per example, so an example does not depend on the batch size.
+    `options` go to the sampler (ddpm: variance; heun: stiff_ratio; unipc: order, corrector;
+    langevin: n_steps, step_size, denoise; pc: snr, n_corrector, variance)."""
     shape = tuple(shape)
     denoiser.check_shape(shape)
     generator = check_generator(generator, shape[0])
@@ -145,22 +170,26 @@ def sampling_plan(
     schedule: Schedule,
     sampler: str = "ddim",
     steps: int | None = 50,
-    eta: float = 0.0,
+    eta: float | None = None,
     spacing: str | None = None,
     *,
     rho: float = 7.0,
     **options,
 ) -> tuple[str, Tensor, dict]:
     """What `sample` runs, checked without running it: (sampler, timesteps, its options) for a
-    sampler name or alias, steps, DDIM's eta, spacing and sampler options on `schedule`. Raises
-    ValueError for any that does not fit (eta with another sampler, steps beyond T, ...), so a
-    recipe or a model folder can be checked before any work."""
+    sampler name or alias, steps, eta (None: the sampler's own), spacing and sampler options on
+    `schedule`. Raises ValueError for any that does not fit (eta with another sampler, steps
+    beyond T, ...), so a recipe or a model folder can be checked before any work."""
     sampler, spacing = resolve_sampler(sampler, spacing)
-    eta = check_eta(eta)
-    if eta != 0.0:
-        if sampler != "ddim":
-            raise ValueError(f"eta applies only to sampler 'ddim', got eta={eta} with sampler {sampler!r}")
-        options["eta"] = eta
+    if eta is not None:
+        eta = check_eta(eta)
+        if sampler in ETA_SAMPLERS:
+            options["eta"] = eta
+        elif eta != 0.0:
+            raise ValueError(
+                f"eta applies only to sampler 'ddim' and the stochastic samplers {', '.join(ETA_SAMPLERS[1:])}, "
+                f"got eta={eta} with sampler {sampler!r}"
+            )
     spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
     if steps is None and not (isinstance(spacing, str) and is_respacing_string(spacing)):
         raise ValueError(f"steps=None is allowed only with a respacing string, not with spacing {spacing!r}")

@@ -15,7 +15,7 @@ from torch import Tensor
 
 from difflab.denoiser import Denoiser
 from difflab.samplers.loop import Callback, Generators, SamplerLoop
-from difflab.samplers.steps import ddim_step
+from difflab.samplers.steps import ddim_coefficients
 
 
 def check_eta(eta: float) -> float:
@@ -43,13 +43,16 @@ def ddim(
     )
     ab = loop.alpha_bar
     x, last = x_T, len(loop) - 1
+    coefs = [ddim_coefficients(ab[i], ab[i + 1], eta) for i in range(last)]
     for i in loop:
         pred = loop.denoise(x, i)
         if i == last:  # a' = 1: exactly x0_hat
             x = pred.x0
-        else:
-            noise = loop.noise(x) if eta > 0.0 else None
-            x = ddim_step(pred, ab[i + 1], eta=eta, alpha_bar=ab[i], noise=noise)
+        else:  # `steps.ddim_step`, fused: one new tensor, updated in place
+            c_x0, c_eps, c_noise = coefs[i]
+            x = torch.mul(pred.x0, c_x0).add_(pred.eps, alpha=c_eps)
+            if eta > 0.0:
+                x.add_(loop.noise(x), alpha=c_noise)
         loop.report(i, x, pred)
     return x
 

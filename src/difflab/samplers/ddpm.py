@@ -68,9 +68,9 @@ class AncestralStep:
     def __call__(self, i: int, x: Tensor, pred) -> Tensor:
         if i == len(self.c_x0) - 1:  # onto x0: alpha_bar_prev = 1, mean coefficients (1, 0), no noise
             return pred.x0
-        mean = torch.add(pred.x0 * self.c_x0[i], x, alpha=self.c_xt[i])
+        mean = torch.mul(pred.x0, self.c_x0[i]).add_(x, alpha=self.c_xt[i])
         if self.kind == "learned":
             j = self.j[i : i + 1].to(x.device)
             std = (0.5 * model_log_variance(self.respaced, j, "learned", like=x, var_frac=pred.var_frac)).exp()
-            return mean + std * self.loop.noise(x)
-        return torch.add(mean, self.loop.noise(x), alpha=self.std[i])
+            return mean.addcmul_(std, self.loop.noise(x))
+        return mean.add_(self.loop.noise(x), alpha=self.std[i])

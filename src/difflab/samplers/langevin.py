@@ -66,7 +66,7 @@ def annealed_langevin(
     for i in loop:
         for _ in range(n_steps):
             pred = loop.denoise(x * to_vp[i], i)
-            x = torch.add(torch.add(x, pred.eps, alpha=drift[i]), loop.noise(x), alpha=noise[i])
+            x.add_(pred.eps, alpha=drift[i]).add_(loop.noise(x), alpha=noise[i])  # x is this call's own
         if denoise and i == last:
             pred = loop.denoise(x * to_vp[i], i)
             x = pred.x0
@@ -118,7 +118,7 @@ def predictor_corrector(
     for i in loop:
         for _ in range(n_corrector):
             eps = loop.denoise(x, i).eps
-            x = torch.add(torch.add(x, eps, alpha=c_eps[i]), loop.noise(x), alpha=c_noise[i])
+            x = torch.add(x, eps, alpha=c_eps[i]).add_(loop.noise(x), alpha=c_noise[i])
         pred = loop.denoise(x, i)
         x = predictor(i, x, pred)
         loop.report(i, x, pred)

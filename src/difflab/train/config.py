@@ -171,7 +171,7 @@ class SampleConfig:
     thresholding: str = "auto"
 
     def validate(self) -> None:
-        from difflab.samplers import SAMPLER_ALIASES, SAMPLERS, SPACINGS, is_respacing_string
+        from difflab.samplers import ETA_SAMPLERS, SAMPLER_ALIASES, SAMPLERS, SPACINGS, is_respacing_string
 
         names = (*SAMPLERS, *SAMPLER_ALIASES)
         _require(self.sampler in names, "sample.sampler", self.sampler, f"one of {', '.join(names)}")
@@ -181,8 +181,8 @@ class SampleConfig:
         _require(1 <= self.n <= MAX_GRID, "sample.n", self.n, f"an int in [1, {MAX_GRID}]")
         _require(self.eta >= 0, "sample.eta", self.eta, "a number >= 0")
         sampler = SAMPLER_ALIASES.get(self.sampler, (self.sampler,))[0]
-        _require(self.eta == 0 or sampler == "ddim", "sample.eta", self.eta,
-                 f'0 with sampler "{self.sampler}" (eta is DDIM\'s only)')  # fmt: skip
+        _require(self.eta == 0 or sampler in ETA_SAMPLERS, "sample.eta", self.eta,
+                 f'0 with sampler "{self.sampler}" (eta is for {", ".join(ETA_SAMPLERS)})')  # fmt: skip
         _require(math.isfinite(self.guidance), "sample.guidance", self.guidance, "a finite number")
         _require(
             self.thresholding in THRESHOLDING_CHOICES, "sample.thresholding", self.thresholding,
