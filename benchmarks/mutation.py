@@ -43,9 +43,15 @@ WORK = ROOT / "build" / "mutation"
 # module name -> (the file(s) mutated, the tests that exercise them); the union is pyproject's selection
 MODULES = {
     "schedules": ("src/difflab/schedules.py", ["test_schedules", "test_samplers_timesteps", "test_process"]),
-    "process": ("src/difflab/process.py", ["test_process", "test_losses", "test_samplers_steps"]),
-    "losses": ("src/difflab/losses.py", ["test_losses"]),
-    "denoiser": ("src/difflab/denoiser.py", ["test_denoiser", "test_guidance", "test_samplers_known_bugs"]),
+    "process": (
+        "src/difflab/process.py",
+        ["test_process", "test_process_mutants", "test_losses", "test_losses_mutants", "test_samplers_steps"],
+    ),
+    "losses": ("src/difflab/losses.py", ["test_losses", "test_losses_mutants"]),
+    "denoiser": (
+        "src/difflab/denoiser.py",
+        ["test_denoiser", "test_denoiser_mutants", "test_guidance", "test_samplers_known_bugs"],
+    ),
     "guidance": ("src/difflab/guidance.py", ["test_guidance"]),
     "samplers": (
         "src/difflab/samplers/*",
@@ -146,15 +152,17 @@ def mirror_source(src: Path, dst: Path, mutated: list[str]) -> None:
 
 
 def run_mutmut(ws: Path, workers: int) -> float:
-    """`mutmut run`, then once more on the mutants still alive, by name: mutmut keeps a result as long
-    as the mutated function is unchanged, even when the tests changed; named mutants are rerun."""
+    """`mutmut run`, then once more on the mutants still alive (survived, timed out or reached by no
+    test), by name: mutmut keeps a result as long as the mutated function is unchanged, even when the
+    tests changed; named mutants are rerun."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
     # which tests reach which function: recollected each run, as edited tests change it too
     (ws / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)]
     done = subprocess.run(command, cwd=ws, env=env)
-    alive = [n for r in read_results(ws).values() for n, s in r.items() if s in ("survived", "timeout")]
+    # "no tests" too: a test added since may reach the function now
+    alive = [n for r in read_results(ws).values() for n, s in r.items() if s in ("survived", "timeout", "no tests")]
     if done.returncode == 0 and alive:
         done = subprocess.run(command + alive, cwd=ws, env=env)
     if done.returncode != 0:

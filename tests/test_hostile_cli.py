@@ -2,6 +2,8 @@
 one line naming the flag or the value, before any sampling or training; seeds never share
 samples."""
 
+import functools
+
 import pytest
 import torch
 
@@ -16,11 +18,15 @@ MODEL = "digits-ddpm"  # unconditional, T = 1000
 def no_sampling(monkeypatch):
     """Any sampler step fails the test: a refusal must come before the work."""
 
-    def started(*args, **kwargs):
-        raise AssertionError("sampling started before the input was refused")
+    def refusing(sampler):
+        @functools.wraps(sampler)  # the same signature: option checks still see the sampler's own options
+        def started(*args, **kwargs):
+            raise AssertionError("sampling started before the input was refused")
 
-    for name in samplers.SAMPLERS:
-        monkeypatch.setitem(samplers.SAMPLERS, name, started)
+        return started
+
+    for name, sampler in list(samplers.SAMPLERS.items()):
+        monkeypatch.setitem(samplers.SAMPLERS, name, refusing(sampler))
 
 
 # values argparse refuses: (flags, the error line's words)

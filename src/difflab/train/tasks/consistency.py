@@ -185,7 +185,7 @@ class ConsistencyTask:
             "sample": {"sampler": "consistency", "steps": 1, "spacing": "trailing", "n": self.config.sample.n,
                        "eta": 0.0, "guidance": 0.0},
             "consistency": {"method": "distillation" if self.teacher is not None else "training",
-                            "teacher": self.frozen["teacher"].source if self.frozen else None,
+                            "teacher": c.teacher or None,
                             "curriculum": c.curriculum},
         })  # fmt: skip
         if self.num_classes is not None:
