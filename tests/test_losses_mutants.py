@@ -297,3 +297,13 @@ def test_importance_timesteps_draw_from_the_given_generator_only():
     torch.manual_seed(123)
     again, _ = imp.sample(200, "cpu", torch.Generator().manual_seed(1))
     assert torch.equal(first, again)
+
+
+@pytest.mark.parametrize("loss_type", ["simple", "hybrid", "vlb"])
+def test_every_loss_type_keeps_float64_data_in_float64(loss_type):
+    """The bound alone used to come back float32 for float64 data (its accumulator took the
+    default dtype); all three losses now share one rule: at least float32, float64 kept."""
+    s = Schedule.make("linear", T=20)
+    x0 = eight_bit_batch((3, 2, 2, 2), dtype=torch.float64)
+    loss, _ = DiffusionLoss(s, loss_type=loss_type)(Recorder(s, x0), x0, generator=torch.Generator().manual_seed(0))
+    assert loss.dtype == torch.float64

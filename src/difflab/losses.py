@@ -196,7 +196,8 @@ class DiffusionLoss:
         alpha_bar = self.schedule.alpha_bar_at(t).to(x0.device)
         logs: dict[str, Tensor] = {}
 
-        loss = torch.zeros(x0.shape[0], device=x0.device)
+        # at least float32 (bf16 data keeps a float32 loss), float64 data keeps float64 for every loss type
+        loss = torch.zeros(x0.shape[0], device=x0.device, dtype=torch.promote_types(x0.dtype, torch.float32))
         if self.loss_type != "vlb":
             target = self.target or denoiser.prediction
             truth = {
