@@ -52,13 +52,16 @@ MODULES = {
         "src/difflab/denoiser.py",
         ["test_denoiser", "test_denoiser_mutants", "test_guidance", "test_samplers_known_bugs"],
     ),
-    "guidance": ("src/difflab/guidance.py", ["test_guidance"]),
+    "guidance": ("src/difflab/guidance.py", ["test_guidance", "test_guidance_mutants"]),
     "samplers": (
         "src/difflab/samplers/*",
         ["test_samplers", "test_samplers_steps", "test_samplers_known_bugs", "test_samplers_timesteps", "test_sde"],
     ),
     "ema": ("src/difflab/train/ema.py", ["test_train_batches"]),
-    "checkpoint": ("src/difflab/train/checkpoint.py", ["test_train_checkpoint", "test_hostile_checkpoints"]),
+    "checkpoint": (
+        "src/difflab/train/checkpoint.py",
+        ["test_train_checkpoint", "test_checkpoint_mutants", "test_hostile_checkpoints"],
+    ),
 }
 
 

@@ -59,7 +59,7 @@ def expand_entry(key: str, value, batch: int, device=None):
     elif isinstance(value, list | tuple):
         if all(isinstance(v, str) for v in value) and len(value) in (1, batch):
             return list(value) * (batch // len(value))
-        if all(isinstance(v, Tensor) for v in value):  # e.g. ControlNet residuals
+        if value and all(isinstance(v, Tensor) for v in value):  # e.g. ControlNet residuals (never empty)
             return [expand_entry(key, v, batch, device) for v in value]
     size = value.shape[0] if isinstance(value, Tensor) else len(value) if isinstance(value, list | tuple) else None
     raise ValueError(
