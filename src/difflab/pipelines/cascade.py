@@ -48,7 +48,7 @@ from difflab.methods.cascade import (
     superres_condition,
 )
 from difflab.pipelines.folder import component_dir, new_manifest, read_manifest, resolve, write_manifest
-from difflab.pipelines.pipeline import OUTPUT_TYPES, Pipeline, to_pil
+from difflab.pipelines.pipeline import OUTPUT_TYPES, Pipeline, as_images
 from difflab.pipelines.sampling import sample_seeds
 from difflab.schedules import Schedule
 from difflab.seeds import derive_seed
@@ -386,12 +386,7 @@ class CascadePipeline:
         output_type = output_type or "pil"
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
-        x = self.generate(n, **options).clamp(-1.0, 1.0)
-        if output_type == "pt":
-            return x
-        if output_type == "np":
-            return ((x + 1.0) / 2.0).permute(0, 2, 3, 1).numpy()
-        return to_pil(x)
+        return as_images(self.generate(n, **options), output_type)
 
     # ---------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | Path) -> Path:

@@ -264,6 +264,12 @@ def _check_sample_defaults(defaults: dict, schedule, where) -> None:
         raise ValueError(f"{where}: the default sampling settings {defaults} do not fit the model: {e}") from None
 
 
+def output_shape(manifest: dict) -> tuple[int, ...]:
+    """One sample's shape as a model returns it: the decoded image's for a latent model."""
+    latent = manifest.get("latent")
+    return tuple(latent["image_shape"] if latent is not None else manifest["sample_shape"])
+
+
 def component_dir(directory: str | Path, manifest: dict, name: str) -> Path:
     """The folder of a named component, which must lie inside the model folder (links included)."""
     if name not in manifest["components"]:

@@ -30,6 +30,7 @@ from difflab.pipelines.folder import (
     DENOISER,
     MANIFEST_FILE,
     component_dir,
+    output_shape,
     read_manifest,
     resolve,
     write_manifest,
@@ -101,8 +102,7 @@ class Pipeline:
     @property
     def output_shape(self) -> tuple[int, ...]:
         """One sample's shape as returned: the decoded image's for a latent model."""
-        latent = self.manifest.get("latent")
-        return tuple(latent["image_shape"] if latent is not None else self.manifest["sample_shape"])
+        return output_shape(self.manifest)
 
     @property
     def conditioning(self) -> str | None:
@@ -240,12 +240,7 @@ class Pipeline:
         x = self.generate(n, **options)
         if not is_image:
             return x if output_type == "pt" else x.numpy()
-        x = x.clamp(-1.0, 1.0)  # pictures: what a decoder or a late step overshoots is clipped
-        if output_type == "pt":
-            return x
-        if output_type == "np":
-            return ((x + 1.0) / 2.0).permute(0, 2, 3, 1).numpy()
-        return to_pil(x)
+        return as_images(x, output_type)
 
     # ---------------------------------------------------------------- saving
     def save_pretrained(self, directory: str | Path) -> Path:
@@ -278,6 +273,17 @@ class Pipeline:
             f"sample_shape={tuple(m['sample_shape'])}, conditioning={m.get('conditioning')}, "
             f"device={self.device}, dtype={self.dtype})"
         )
+
+
+def as_images(x: Tensor, output_type: str):
+    """Images in [-1, 1] as `output_type`: "pt" (clipped), "np" ((n, H, W, C) in [0, 1]) or "pil".
+    Clipping: what a decoder or a late sampler step overshoots is not a pixel value."""
+    x = x.clamp(-1.0, 1.0)
+    if output_type == "pt":
+        return x
+    if output_type == "np":
+        return ((x + 1.0) / 2.0).permute(0, 2, 3, 1).numpy()
+    return to_pil(x)
 
 
 def to_pil(x: Tensor) -> list:

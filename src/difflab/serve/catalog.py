@@ -8,7 +8,15 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from difflab.pipelines.folder import DENOISER, MODEL_DIR, component_dir, read_manifest, resolve, shipped_models
+from difflab.pipelines.folder import (
+    DENOISER,
+    MODEL_DIR,
+    component_dir,
+    output_shape,
+    read_manifest,
+    resolve,
+    shipped_models,
+)
 from difflab.pipelines.pipeline import Pipeline
 from difflab.samplers import SAMPLER_ALIASES, SAMPLERS
 from difflab.schedules import Schedule
@@ -44,8 +52,7 @@ class ModelEntry:
 
     @property
     def output_shape(self) -> tuple[int, ...]:
-        latent = self.manifest.get("latent")
-        return tuple(latent["image_shape"] if latent is not None else self.manifest["sample_shape"])
+        return output_shape(self.manifest)
 
     @property
     def conditioning(self) -> str | None:
