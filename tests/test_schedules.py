@@ -389,7 +389,7 @@ def test_schedule_error_messages_name_the_allowed_values():
          "unknown schedule kind 'nope'; allowed: named, betas, sigmas, ve, respaced"),
         (lambda: Schedule.from_config({"kind": "named"}),
          "schedule config of kind 'named': missing ['name'], unknown []; it takes name and optionally T, "
-         "zero_terminal_snr, s, max_beta, beta_start, beta_end, start, end"),
+         "zero_terminal_snr, s, max_beta, beta_start, beta_end, start, end, beta_min, beta_max"),
         (lambda: Schedule.from_config({"kind": "respaced", "base": 1}),
          "schedule config of kind 'respaced': missing ['timesteps'], unknown []; it takes base, timesteps"),
         (lambda: Schedule.from_sigmas([1.0, 0.5]), "VE sigmas must be finite, positive and strictly increasing"),

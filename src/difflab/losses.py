@@ -27,6 +27,7 @@ from difflab.process import (
 from difflab.schedules import Schedule, broadcast
 
 LOSS_TYPES = ("simple", "hybrid", "vlb")
+TIME_KINDS = ("discrete", "continuous")
 WEIGHTINGS = ("none", "min_snr")
 LN2 = math.log(2.0)
 
@@ -99,6 +100,16 @@ class UniformTimesteps:
         pass
 
 
+class ContinuousTimesteps(UniformTimesteps):
+    """Continuous time (Song et al. 2021): t ~ U[0, T - 1], fractional, weight 1. The network
+    then learns every noise level between the grid points, so it serves the reverse SDE and
+    the probability-flow ODE at any time as well as the discrete samplers at the grid."""
+
+    def sample(self, batch: int, device, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        t = torch.rand(batch, generator=generator, dtype=torch.float64) * (self.T - 1)
+        return t.to(device), torch.ones(batch, device=device)
+
+
 class ImportanceTimesteps(UniformTimesteps):
     """Nichol & Dhariwal's importance sampling: p_t ∝ sqrt(E[L_t^2]) over the last
     `history` losses of each t (uniform until every t has that many), mixed with a little
@@ -160,7 +171,8 @@ class DiffusionLoss:
     loss_type: "simple" (MSE on `target`), "hybrid" (simple + lambda_vlb * T * L_t with the
     mean's gradient stopped in the VLB term, for learned variance), "vlb" (T * L_t alone).
     `target` defaults to the denoiser's own parameterisation. With `importance=True`, t is
-    importance-sampled from the history of the losses.
+    importance-sampled from the history of the losses; with `time="continuous"` it is uniform
+    on [0, T - 1] and fractional (`ContinuousTimesteps`).
     """
 
     def __init__(
@@ -172,6 +184,7 @@ class DiffusionLoss:
         snr_gamma: float = 5.0,
         lambda_vlb: float = 1e-3,
         importance: bool = False,
+        time: str = "discrete",
     ):
         if loss_type not in LOSS_TYPES:
             raise ValueError(f"unknown loss type {loss_type!r}; allowed: {', '.join(LOSS_TYPES)}")
@@ -183,7 +196,18 @@ class DiffusionLoss:
             raise ValueError(f"snr_gamma must be > 0, got {snr_gamma}")
         self.schedule, self.loss_type, self.target = schedule, loss_type, target
         self.weighting, self.snr_gamma, self.lambda_vlb = weighting, snr_gamma, lambda_vlb
-        self.timesteps = ImportanceTimesteps(schedule.T) if importance else UniformTimesteps(schedule.T)
+        if time not in TIME_KINDS:
+            raise ValueError(f"unknown time {time!r}; allowed: {', '.join(TIME_KINDS)}")
+        if time == "continuous" and (loss_type != "simple" or importance):
+            raise ValueError(
+                f'continuous time trains loss_type = "simple" without importance sampling (the bound and its '
+                f"importance weights are sums over the discrete chain), got loss_type={loss_type!r}, "
+                f"importance={importance}"
+            )
+        if importance:
+            self.timesteps = ImportanceTimesteps(schedule.T)
+        else:
+            self.timesteps = (ContinuousTimesteps if time == "continuous" else UniformTimesteps)(schedule.T)
 
     def __call__(
         self, denoiser: Denoiser, x0: Tensor, cond: dict | None = None, generator: torch.Generator | None = None

@@ -17,11 +17,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-SCHEDULE_NAMES = ("linear", "cosine", "scaled_linear", "sigmoid")
+SCHEDULE_NAMES = ("linear", "cosine", "scaled_linear", "sigmoid", "vp", "subvp")
 MAX_T = 100_000  # steps of a chain (or noise levels of a ladder): a sanity limit, far beyond any model's
 # schedule config kinds: (required keys, optional keys)
 _CONFIG_KINDS = {
-    "named": (("name",), ("T", "zero_terminal_snr", "s", "max_beta", "beta_start", "beta_end", "start", "end")),
+    "named": (("name",), ("T", "zero_terminal_snr", "s", "max_beta", "beta_start", "beta_end", "start", "end",
+                         "beta_min", "beta_max")),
     "betas": (("betas",), ("name",)),
     "sigmas": (("sigmas",), ("name",)),
     "ve": ((), ("sigma_min", "sigma_max", "n", "spacing", "rho")),
@@ -76,6 +77,30 @@ def sigmoid_betas(
     """Betas following a sigmoid between beta_start and beta_end (as used for GeoDiff/RIN)."""
     x = torch.linspace(start, end, _check_T(T), dtype=torch.float64)
     return torch.sigmoid(x) * (beta_end - beta_start) + beta_start
+
+
+def _sde_integral(u: Tensor, beta_min: float, beta_max: float) -> Tensor:
+    """B(u) = int_0^u beta, for the score-SDE paper's linear beta(u) = beta_min + u (beta_max - beta_min)."""
+    if not 0 < beta_min < beta_max < math.inf:
+        raise ValueError(f"need 0 < beta_min < beta_max, got beta_min={beta_min}, beta_max={beta_max}")
+    return beta_min * u + 0.5 * u**2 * (beta_max - beta_min)
+
+
+def vp_betas(T: int = 1000, beta_min: float = 0.1, beta_max: float = 20.0) -> Tensor:
+    """Song et al. 2021's VP SDE (Eq. 11) read at u = (t + 1) / T: alpha_bar = e^{-B(u)} exactly,
+    so a model trained on it is that SDE's score model at every grid point."""
+    u = torch.arange(1, _check_T(T) + 1, dtype=torch.float64) / T
+    return betas_from_alpha_bar(torch.exp(-_sde_integral(u, beta_min, beta_max)))
+
+
+def subvp_betas(T: int = 1000, beta_min: float = 0.1, beta_max: float = 20.0) -> Tensor:
+    """The sub-VP SDE (Eq. 12) as the VP schedule with the same noise levels: its marginal
+    m x0 + s eps (m = e^{-B/2}, s = 1 - e^{-B}) divided by sqrt(m^2 + s^2) is a VP sample with
+    alpha_bar = m^2 / (m^2 + s^2), so one network serves both (see `methods.sde.score_from_denoiser`)."""
+    u = torch.arange(1, _check_T(T) + 1, dtype=torch.float64) / T
+    integral = _sde_integral(u, beta_min, beta_max)
+    m2, s = torch.exp(-integral), -torch.expm1(-integral)
+    return betas_from_alpha_bar(m2 / (m2 + s**2))
 
 
 def rescale_zero_terminal_snr(betas: Tensor) -> Tensor:
@@ -166,6 +191,8 @@ class Schedule:
             "cosine": cosine_betas,
             "scaled_linear": scaled_linear_betas,
             "sigmoid": sigmoid_betas,
+            "vp": vp_betas,
+            "subvp": subvp_betas,
         }
         if name not in makers:
             raise ValueError(f"unknown schedule {name!r}; allowed: {', '.join(SCHEDULE_NAMES)}")

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from difflab.losses import LOSS_TYPES, WEIGHTINGS
+from difflab.losses import LOSS_TYPES, TIME_KINDS, WEIGHTINGS
 from difflab.process import PREDICTION_TYPES, VARIANCE_TYPES
 from difflab.schedules import MAX_T, SCHEDULE_NAMES
 
@@ -63,7 +63,9 @@ class DiffusionConfig:
     """The Gaussian diffusion and its objective (see `difflab.losses.DiffusionLoss`).
     `schedule = "ve"`: NCSN's variance-exploding ladder of T levels from `sigma_min` to
     `sigma_max` (0: the largest distance between two training examples, Song & Ermon 2020's
-    technique 1), spaced by `ve_spacing` (geometric, or karras)."""
+    technique 1), spaced by `ve_spacing` (geometric, or karras). `schedule = "vp"` / "subvp" are
+    the score-SDE paper's VP and sub-VP SDEs; `time = "continuous"` trains on fractional t in
+    [0, T - 1] (Song et al. 2021), so the model serves SDE/ODE solvers between the grid points."""
 
     schedule: str = "linear"
     T: int = 1000
@@ -78,6 +80,7 @@ class DiffusionConfig:
     sigma_min: float = 0.01
     sigma_max: float = 0.0
     ve_spacing: str = "geometric"
+    time: str = "discrete"
 
     def validate(self) -> None:
         _choice("diffusion.schedule", self.schedule, (*SCHEDULE_NAMES, "ve"))
@@ -91,6 +94,10 @@ class DiffusionConfig:
         _choice("diffusion.prediction", self.prediction, PREDICTION_TYPES)
         _choice("diffusion.variance", self.variance, VARIANCE_TYPES)
         _choice("diffusion.loss_type", self.loss_type, LOSS_TYPES)
+        _choice("diffusion.time", self.time, TIME_KINDS)
+        _require(self.time == "discrete" or (self.loss_type == "simple" and not self.importance), "diffusion.time",
+                 self.time, 'a continuous time with loss_type = "simple" and importance = false (the bound is a '
+                 "sum over the discrete chain)")  # fmt: skip
         _choice("diffusion.weighting", self.weighting, WEIGHTINGS)
         _require(self.snr_gamma > 0, "diffusion.snr_gamma", self.snr_gamma, "a number > 0")
         _require(self.lambda_vlb >= 0, "diffusion.lambda_vlb", self.lambda_vlb, "a number >= 0")

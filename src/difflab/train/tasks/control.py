@@ -35,7 +35,6 @@ from torch import Tensor, nn
 from difflab.data.controls import foreground, hint_picture, make_hint
 from difflab.denoiser import Denoiser, DenoiserWrapper, build_denoiser
 from difflab.eval.control import edge_f1, mask_iou
-from difflab.losses import DiffusionLoss
 from difflab.pipelines.folder import CONTROL, DENOISER, new_manifest, write_manifest
 from difflab.process import Prediction
 from difflab.schedules import Schedule
@@ -90,7 +89,7 @@ class ControlTask:
 
     def __init__(self, config: Config, data: DataInfo, dist: Dist | None = None):
         from difflab.nets.controlnet import ControlNet
-        from difflab.train.tasks.diffusion import SharedTimesteps
+        from difflab.train.tasks.diffusion import recipe_objective
 
         c, d = config.control, config.diffusion
         if not c.base:
@@ -105,12 +104,7 @@ class ControlTask:
         self.model = ControlNet.from_base(self.base, hint_channels=HINT_CHANNELS, hint_widths=tuple(c.hint_widths))
         self.model.train().requires_grad_(True)
         self.schedule = Schedule.from_config(self.base_manifest["schedule"])
-        self.objective = DiffusionLoss(
-            self.schedule, d.loss_type, weighting=d.weighting, snr_gamma=d.snr_gamma,
-            lambda_vlb=d.lambda_vlb, importance=d.importance,
-        )  # fmt: skip
-        if dist is not None and dist.active:
-            self.objective.timesteps = SharedTimesteps(self.objective.timesteps, dist)
+        self.objective = recipe_objective(d, self.schedule, dist)
         self.check_sampling()
 
     # ---------------------------------------------------------------- checks before training

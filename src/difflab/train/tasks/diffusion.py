@@ -46,6 +46,17 @@ def recipe_schedule(d, data: DataInfo | None = None) -> Schedule:
     return Schedule.ve(d.sigma_min, sigma_max, d.T, d.ve_spacing)
 
 
+def recipe_objective(d, schedule: Schedule, dist: Dist | None = None) -> DiffusionLoss:
+    """The `DiffusionLoss` a recipe's [diffusion] describes, its timesteps shared across processes."""
+    objective = DiffusionLoss(
+        schedule, d.loss_type, weighting=d.weighting, snr_gamma=d.snr_gamma,
+        lambda_vlb=d.lambda_vlb, importance=d.importance, time=d.time,
+    )  # fmt: skip
+    if dist is not None and dist.active:
+        objective.timesteps = SharedTimesteps(objective.timesteps, dist)
+    return objective
+
+
 class SharedTimesteps:
     """Every process records every process's (t, loss) in rank order, so the importance
     sampler's history (and the checkpoint rank 0 writes) is the same on all ranks."""
@@ -90,12 +101,7 @@ class DiffusionTask:
                 f"the data has {data.num_classes} classes but the network's num_classes is {self.num_classes}"
             )
         self.schedule = recipe_schedule(d, data)
-        self.objective = DiffusionLoss(
-            self.schedule, d.loss_type, weighting=d.weighting, snr_gamma=d.snr_gamma,
-            lambda_vlb=d.lambda_vlb, importance=d.importance,
-        )  # fmt: skip
-        if dist is not None and dist.active:
-            self.objective.timesteps = SharedTimesteps(self.objective.timesteps, dist)
+        self.objective = recipe_objective(d, self.schedule, dist)
 
     def denoiser(self, model: nn.Module) -> NetworkDenoiser:
         d = self.config.diffusion

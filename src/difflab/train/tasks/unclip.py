@@ -20,11 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from difflab.denoiser import NetworkDenoiser
-from difflab.losses import DiffusionLoss
 from difflab.pipelines.folder import DENOISER, new_manifest, write_manifest
 from difflab.train.config import Config
 from difflab.train.distributed import Dist
-from difflab.train.tasks.diffusion import DiffusionTask, SharedTimesteps, recipe_schedule
+from difflab.train.tasks.diffusion import DiffusionTask, recipe_objective, recipe_schedule
 from difflab.train.tasks.frozen import Frozen
 
 if TYPE_CHECKING:
@@ -78,10 +77,7 @@ class PriorTask:
         self.model.standardizer.fit(image_embeddings(self.clip, data.dataset, config.unclip.stats_examples))
         d = config.diffusion
         self.schedule = recipe_schedule(d, data)
-        self.objective = DiffusionLoss(self.schedule, d.loss_type, weighting=d.weighting, snr_gamma=d.snr_gamma,
-                                       lambda_vlb=d.lambda_vlb, importance=d.importance)  # fmt: skip
-        if dist is not None and dist.active:
-            self.objective.timesteps = SharedTimesteps(self.objective.timesteps, dist)
+        self.objective = recipe_objective(d, self.schedule, dist)
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
