@@ -3,7 +3,11 @@
 against the teacher at DDIM-50 and the undistilled teacher (DDIM, DPM-Solver++) at the same NFE.
 
     python benchmarks/fast.py [--n 1000] [--teacher digits-ddpm] [--pd runs/digits-pd] [--cd runs/digits-cd]
-                              [--ct runs/digits-ct] [--ict runs/digits-ict]
+                              [--ct runs/digits-ct] [--ict runs/digits-ict] [--keep METHOD ...]
+
+`--keep` takes the named methods' rows ("teacher" for the three teacher rows) from the existing
+--out file instead of measuring them again (a run that finished later is added without redoing
+the rest); their picture rows are drawn again from the same seed, 16 samples each.
 
 Needs the runs of configs/digits-pd.toml (and digits-v.toml, its teacher), digits-cd.toml and
 digits-ct.toml (iCT: the overrides in its header); a missing run is skipped and reported.
@@ -30,6 +34,7 @@ from difflab.pipelines import Pipeline, read_manifest
 
 RESULTS = Path(__file__).resolve().parent / "results"
 NFES = (1, 2, 4, 8)
+TEACHER_ROWS = ("teacher ddim-50", "teacher ddim", "teacher dpmpp_2m")
 
 
 def pd_rounds(run: Path) -> dict[int, Path]:
@@ -80,8 +85,11 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", type=Path, default=RESULTS / "fast.json")
+    p.add_argument("--keep", nargs="*", default=[], metavar="METHOD",
+                   help='methods whose rows --out already has ("teacher", "consistency distillation", ...)')
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    kept = kept_rows(args.out, args.keep, args.n)
 
     result = {"machine": f"{platform.machine()}, {args.threads} torch threads", "n": args.n, "methods": {},
               "skipped": []}  # fmt: skip
@@ -92,13 +100,21 @@ def main() -> None:
         rows.append(samples[:16])
         print(f"{method:<22} NFE {nfe}: " + format_metrics(metrics), flush=True)
 
+    def measured(method: str, pipe: Pipeline, nfe: int, **settings) -> dict:
+        """The row of `method` at `nfe`: kept from --out (its picture drawn again) or measured."""
+        if method in kept:
+            metrics = kept[method][str(nfe)]
+            record(method, nfe, metrics, pipe.generate(16, seed=args.seed, steps=nfe, **settings))
+        else:
+            metrics, samples = measure(pipe, args.n, args.seed, steps=nfe, **settings)
+            record(method, nfe, metrics, samples)
+        return metrics
+
     teacher = Pipeline.from_pretrained(args.teacher, device="cpu")
-    reference, samples = measure(teacher, args.n, args.seed, sampler="ddim", steps=50)
-    record("teacher ddim-50", 50, reference, samples)
+    reference = measured("teacher ddim-50", teacher, 50, sampler="ddim")
     for nfe in NFES:
         for sampler in ("ddim", "dpmpp_2m"):
-            metrics, samples = measure(teacher, args.n, args.seed, sampler=sampler, steps=nfe)
-            record(f"teacher {sampler}", nfe, metrics, samples)
+            measured(f"teacher {sampler}", teacher, nfe, sampler=sampler)
 
     methods: dict[str, dict[int, Path]] = {}
     rounds = pd_rounds(args.pd)
@@ -112,10 +128,13 @@ def main() -> None:
             result["skipped"].append(name)
             continue
         for nfe, model in by_nfe.items():
-            metrics, samples = measure(Pipeline.from_pretrained(model, device="cpu"), args.n, args.seed, steps=nfe)
+            metrics = measured(name, Pipeline.from_pretrained(model, device="cpu"), nfe)
             metrics["fd_ratio_to_teacher_ddim50"] = metrics["digits_fd"] / reference["digits_fd"]
-            record(name, nfe, metrics, samples)
         one_step = by_nfe.get(1)
+        if name in kept:
+            for key in ("one_step_seconds_per_100", "training_seconds"):
+                result["methods"][name][key] = kept[name].get(key)
+            continue
         if one_step is not None:
             result["methods"][name]["one_step_seconds_per_100"] = one_step_seconds(
                 Pipeline.from_pretrained(one_step, device="cpu")
@@ -130,6 +149,24 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     save_grid(torch.cat(rows), args.out.with_suffix(".png"), nrow=16)
     print(f"wrote {args.out} and {args.out.with_suffix('.png')}; goals: {result['goals']}")
+
+
+def kept_rows(out: Path, names: list[str], n: int) -> dict:
+    """The rows of the methods `names` ("teacher" standing for its three) from the file `out`,
+    which must have been measured with the same sample count `n` (FD depends on it)."""
+    if not names:
+        return {}
+    if not out.is_file():
+        raise SystemExit(f"--keep needs an earlier result in {out}; there is none")
+    methods = json.loads(out.read_text())["methods"]
+    wanted = [m for n in names for m in (TEACHER_ROWS if n == "teacher" else [n])]
+    missing = [m for m in wanted if m not in methods]
+    if missing:
+        raise SystemExit(f"--keep: {out} has no rows for {missing}; it has {sorted(methods)}")
+    counts = {row["num_samples"] for m in wanted for row in methods[m].values() if isinstance(row, dict)}
+    if counts != {n}:
+        raise SystemExit(f"--keep: the kept rows were measured with {sorted(counts)} samples, this run with --n {n}")
+    return {m: methods[m] for m in wanted}
 
 
 def goals(m: dict) -> dict:
