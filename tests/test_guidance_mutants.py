@@ -107,6 +107,8 @@ def test_pad_context_pads_with_zeros_and_masks_the_padding():
 def test_concat_tensors_lists_and_nested_lists():
     out = _concat("y", torch.tensor([1.0]), torch.tensor([2], dtype=torch.long))
     assert out.dtype == torch.float32 and out.tolist() == [1.0, 2.0]
+    # the second takes the first's dtype, also where promotion would widen it
+    assert _concat("c", torch.zeros(1), torch.ones(1, dtype=torch.float64)).dtype == torch.float32
     assert _concat("c", ["a"], ["b"]) == ["a", "b"]
     nested = _concat("r", [torch.zeros(1), torch.ones(1)], [torch.ones(1), torch.zeros(1)])
     assert [v.tolist() for v in nested] == [[0.0, 1.0], [1.0, 0.0]]
@@ -515,6 +517,8 @@ def test_conditioned_rejects_what_the_model_cannot_take():
         conditioned(model, {}, 2, scale=0.5)
     with pytest.raises(ValueError, match="finite number"):
         conditioned(model, {}, 2, scale=math.nan)
+    with pytest.raises(ValueError, match=re.escape('cond["caption"] has batch size 2 (list); it must be 1')):
+        conditioned(model, {"conditioning": "text"}, 3, prompt=["a", "b"])
 
 
 def test_conditioned_guidance_distilled_models_take_w_as_an_input():
@@ -560,17 +564,18 @@ def test_nested_lists_of_different_lengths_cannot_be_batched():
 
 
 def test_contexts_are_compared_by_length_not_width():
-    out = batch_conditions({"context": torch.ones(1, 2, 5)}, {"context": torch.ones(1, 5, 5)}, 1)
-    assert out["context"].shape == (2, 5, 5) and out["context_mask"].tolist()[0] == [True] * 2 + [False] * 3
+    out = batch_conditions({"context": torch.ones(1, 2, 6)}, {"context": torch.ones(1, 4, 6)}, 1)
+    assert out["context"].shape == (2, 4, 6) and out["context_mask"].tolist()[0] == [True] * 2 + [False] * 2
     same = batch_conditions({"context": torch.ones(1, 3, 5)}, {"context": torch.zeros(1, 3, 5)}, 1)
     assert "context_mask" not in same
 
 
 def test_per_example_weights_multiply_the_difference():
+    """x0_c - x0_u = 6 and eps_c - eps_u = -3 (not +-1, where w * d and w / d agree)."""
     inner, x = Table(), torch.full((2, 1), 2.0)
-    pred = GuidanceFromCondition(inner, {"y": 0})(x, 5, {"y": 1, "w": torch.tensor([0.5, 2.0])})
-    # x0_c - x0_u = 2, eps_c - eps_u = -1
-    assert pred.x0.tolist() == [[4.0 + 0.5 * 2.0], [4.0 + 2.0 * 2.0]] and pred.eps.tolist() == [[0.5], [-1.0]]
+    pred = GuidanceFromCondition(inner, {"y": 0})(x, 5, {"y": 3, "w": torch.tensor([0.5, 2.0])})
+    assert pred.x0.tolist() == [[8.0 + 0.5 * 6.0], [8.0 + 2.0 * 6.0]]
+    assert pred.eps.tolist() == [[-1.0 - 0.5 * 3.0], [-1.0 - 2.0 * 3.0]]
 
 
 def test_guidance_from_condition_uses_the_negative_condition():
