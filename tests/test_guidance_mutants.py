@@ -499,7 +499,8 @@ def test_conditioned_text_models_are_thresholded_outside_the_guidance():
 
 def test_conditioned_rejects_what_the_model_cannot_take():
     model = TextModel()
-    with pytest.raises(ValueError, match=exact("the model is text-conditional: give a prompt")):
+    no_prompt = 'the model is text-conditional: give a prompt ("" samples without a caption)'
+    with pytest.raises(ValueError, match=exact(no_prompt)):
         conditioned(model, {"conditioning": "text"}, 2)
     with pytest.raises(ValueError, match=exact("label given, but the model is not class-conditional")):
         conditioned(model, {"conditioning": "text"}, 2, prompt="a", label=1)

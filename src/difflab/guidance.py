@@ -410,7 +410,7 @@ def conditioned(
     if kind != "text":
         raise ValueError(f"unknown conditioning {kind!r} in the model's diffusion.json; allowed: class, text")
     if prompt is None:
-        raise ValueError("the model is text-conditional: give a prompt")
+        raise ValueError('the model is text-conditional: give a prompt ("" samples without a caption)')
     if as_input and negative_prompt is not None:
         raise ValueError("a guidance-distilled model takes w as an input and has no negative prompt")
     prompts = expand_entry("caption", [prompt] if isinstance(prompt, str) else list(prompt), n)
