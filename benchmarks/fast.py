@@ -169,7 +169,7 @@ def kept_rows(out: Path, names: list[str], n: int) -> dict:
     if not out.is_file():
         raise SystemExit(f"--keep needs an earlier result in {out}; there is none")
     methods = json.loads(out.read_text())["methods"]
-    wanted = [m for n in names for m in (TEACHER_ROWS if n == "teacher" else [n])]
+    wanted = [m for name in names for m in (TEACHER_ROWS if name == "teacher" else [name])]
     missing = [m for m in wanted if m not in methods]
     if missing:
         raise SystemExit(f"--keep: {out} has no rows for {missing}; it has {sorted(methods)}")
