@@ -45,19 +45,20 @@ SAMPLERS = {
 # Measured on the mixture oracle against diffusers' counterparts (benchmarks/samplers.py):
 # samplers whose last step lands on x0_hat do best at few steps when the last listed level is
 # one stride above t = 0 ("trailing", as diffusers' multistep solvers space their steps): an
-# evaluation at sigma_min ~ 0.01 is nearly wasted. Karras's ladder and geometric sigmas crowd
-# the steps below the data's scale on a VP schedule (Euler: 8.7x the noise floor at 5 NFE vs
-# 5.0x trailing). Heun: uniform in t, as diffusers does, with its stiff-step guard (`heun`).
-# DDIM/DDPM keep "linspace", the spacing the shipped models' numbers were measured with
-# ("trailing" is better at <= 20 steps). Ancestral chains need integer steps.
+# evaluation at sigma_min ~ 0.01 is nearly wasted. Euler and DPM-Solver++(2M) keep the ladders
+# that come down from sigma_max gradually (karras, geometric): a uniform-in-t ladder jumps from
+# sigma_max (~2e4 on cosine) to a few units in one step, which multiplies a trained eps-model's
+# error at t = T - 1 by ~1,500 (unclipped vectors blow up).
+# Heun: uniform in t, as diffusers does, with its stiff-step guard (`heun`). DDIM/DDPM keep
+# "linspace", the spacing the shipped models' numbers were measured with; at 5 steps "leading"
+# (diffusers' default, which starts below pure noise) and "trailing" do better on the
+# linear-schedule oracle (benchmarks/spacing.py). Ancestral chains need integer steps.
 DEFAULT_SPACING = {  # measured on the mixture oracle against diffusers (benchmarks/samplers.py)
     "ddpm": "linspace",
     "ddim": "linspace",
     "pc": "linspace",
     "euler": "karras",
     "heun": "linspace",  # with Karras's ladder it collapsed at low NFE on VP (see samplers/ode.py)
-    # dpmpp_2m keeps geometric: uniform-in-t ladders jump from sigma_max (~2e4 on cosine) to ~13 in one
-    # step, which multiplies a trained eps-model's error at t = T - 1 by ~1,500 (unclipped vectors blow up)
     "dpmpp_2m": "geometric",
     "euler_a": "trailing",
     "dpmpp_2m_sde": "trailing",
