@@ -34,10 +34,7 @@ from difflab.train.checkpoint import (
     set_aside,
     split_tensors,
 )
-
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
+from test_messages_support import exact
 
 
 def record_of(path):

@@ -4,7 +4,6 @@ factory, device lookup, timestep broadcasting, shape checks, thresholding defaul
 
 from __future__ import annotations
 
-import re
 import sys
 
 import pytest
@@ -29,6 +28,7 @@ from difflab.denoiser import (
 )
 from difflab.mixture import GaussianMixture
 from difflab.schedules import Schedule
+from test_messages_support import exact
 
 S = Schedule.make("linear", T=100)
 
@@ -44,10 +44,6 @@ class Probe(nn.Module):
     def forward(self, x, t, cond=None):
         self.seen.append((x, t, cond))
         return self.out.to(x.dtype) * self.scale.to(x.dtype)
-
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 def alpha_bar(t):

@@ -33,12 +33,9 @@ from difflab.guidance import (
 )
 from difflab.process import Prediction, model_log_variance
 from difflab.schedules import Schedule
+from test_messages_support import exact
 
 S = Schedule.make("linear", T=100)
-
-
-def exact(message: str) -> str:
-    return "^" + re.escape(message) + "$"
 
 
 class Table(Denoiser):
