@@ -48,7 +48,7 @@ from difflab.methods.cascade import (
     superres_condition,
 )
 from difflab.pipelines.folder import component_dir, new_manifest, read_manifest, resolve, write_manifest
-from difflab.pipelines.pipeline import OUTPUT_TYPES, Pipeline, as_images
+from difflab.pipelines.pipeline import Pipeline, as_images, check_output_type
 from difflab.pipelines.sampling import sample_seeds
 from difflab.schedules import Schedule
 from difflab.seeds import derive_seed
@@ -384,8 +384,7 @@ class CascadePipeline:
     def __call__(self, n: int = 16, *, output_type: str | None = None, **options):
         """The last stage's samples as PIL images (default), "np" (n, H, W, C) in [0, 1] or "pt"."""
         output_type = output_type or "pil"
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        check_output_type(output_type)
         return as_images(self.generate(n, **options), output_type)
 
     # ---------------------------------------------------------------- saving

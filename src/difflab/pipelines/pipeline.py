@@ -233,8 +233,7 @@ class Pipeline:
         seed or generator, batch_size, progress, callback; control, control_strength, guess_mode."""
         is_image = len(self.output_shape) == 3
         output_type = output_type or ("pil" if is_image else "np")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
+        check_output_type(output_type)
         if output_type == "pil" and not is_image:
             raise ValueError("this model draws vectors, not images: use output_type 'np' or 'pt'")
         x = self.generate(n, **options)
@@ -273,6 +272,12 @@ class Pipeline:
             f"sample_shape={tuple(m['sample_shape'])}, conditioning={m.get('conditioning')}, "
             f"device={self.device}, dtype={self.dtype})"
         )
+
+
+def check_output_type(output_type: str) -> None:
+    """Refuse an unknown output_type before any sampling is done."""
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"unknown output_type {output_type!r}; allowed: {', '.join(OUTPUT_TYPES)}")
 
 
 def as_images(x: Tensor, output_type: str):
