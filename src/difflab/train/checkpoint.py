@@ -6,6 +6,11 @@ state, under its path in the state tree such as ``optimizer/state/0/exp_avg``) a
 is written under a temporary name, fsynced and renamed in one step, so a crash or a full disk
 never leaves a half-written ``ckpt-<step>``: discovery only ever sees complete checkpoints.
 
+Under FSDP (`train.parallel = "fsdp"`) the state holds sharded DTensors: each is stored as
+``{"__shard__": key, "shape", "stride"}``, rank 0's shards in ``tensors.safetensors`` beside
+everything else and rank r's in ``shard-<r>.safetensors``; ``state.json`` records ``shards``
+(the number of processes), and only as many processes can resume it.
+
 A disk can still damage a finished one, so `load_checkpoint` verifies what it reads (the JSON,
 the safetensors header against the file's size, the keys a caller requires, finite floating
 tensors) and raises `CheckpointError` naming the file; `newest_readable` is what resuming
@@ -28,16 +33,20 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from difflab.tensorfiles import TensorFileError, load_tensors
+from difflab.train.distributed import process_rank
+from difflab.train.sharding import LocalShard
 
 FORMAT = "difflab-checkpoint"
 VERSION = 1
 TENSORS_FILE = "tensors.safetensors"
 STATE_FILE = "state.json"
 CHECKPOINTS_DIR = "checkpoints"
+SHARD_FILE = "shard-{rank}.safetensors"
 _NAME = re.compile(r"ckpt-(\d+)")
-_MARKERS = ("__tensor__", "__tuple__", "__items__")
+_MARKERS = ("__tensor__", "__tuple__", "__items__", "__shard__")
 CORRUPT_SUFFIX = ".corrupt"  # a damaged checkpoint set aside: no longer listed, never pruned
 
 
@@ -57,6 +66,12 @@ def split_tensors(tree: Any, path: str = "", tensors: dict | None = None) -> tup
     `join_tensors` gives back exactly what was saved.
     """
     tensors = {} if tensors is None else tensors
+    if isinstance(tree, DTensor):  # a shard of a tensor split across processes (FSDP)
+        key = path or "tensor"
+        if key in tensors:
+            raise ValueError(f"two tensors in the checkpoint state map to the same key {key!r}")
+        tensors[key] = tree.to_local().detach().to("cpu", copy=True).contiguous()
+        return {"__shard__": key, "shape": list(tree.shape), "stride": list(tree.stride())}, tensors
     if isinstance(tree, torch.Tensor):
         key = path or "tensor"
         if key in tensors:
@@ -83,6 +98,11 @@ def join_tensors(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
         return [join_tensors(v, tensors) for v in tree]
     if not isinstance(tree, dict):
         return tree
+    if "__shard__" in tree:
+        key = tree["__shard__"]
+        if key not in tensors:
+            raise ValueError(f"checkpoint state refers to the shard {key!r}, which the tensors files lack")
+        return LocalShard(tensors[key], tree["shape"], tree["stride"])
     if len(tree) == 1 and next(iter(tree)) in _MARKERS:
         ((marker, value),) = tree.items()
         if marker == "__tensor__":
@@ -151,34 +171,87 @@ def save_checkpoint(run_dir: str | Path, step: int, state: dict, keep: int | Non
 
     A step's checkpoint is written once: if it already exists it is left as it is.
     """
-    root = Path(run_dir) / CHECKPOINTS_DIR
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / f"ckpt-{step}"
+    root, final = _folders(run_dir, step)
     if not (final / STATE_FILE).is_file():
-        tree, tensors = split_tensors(state)
         tmp = root / f".tmp-ckpt-{step}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
-        record = {"format": FORMAT, "version": VERSION, "step": step, "state": tree}
-        (tmp / STATE_FILE).write_text(json.dumps(record), encoding="utf-8")
-        for file in (tmp / TENSORS_FILE, tmp / STATE_FILE, tmp):
-            _fsync(file)
-        shutil.rmtree(final, ignore_errors=True)  # an incomplete folder (no state.json) of the same step
-        os.rename(tmp, final)
-        _fsync(root)
-    if keep is not None:
-        for old in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(old)
-        for stale in root.glob(".tmp-ckpt-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        _write_and_publish(tmp, final, step, *split_tensors(state))
+    _prune(root, keep)
     return final
 
 
-def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict:
+def save_sharded_checkpoint(
+    run_dir: str | Path, step: int, state: dict, rank: int, world_size: int, barrier, keep: int | None = None
+) -> Path:
+    """`save_checkpoint` of an FSDP run, called by every process with its own state (`barrier`
+    waits for all of them): rank r > 0 writes its shards into the temporary folder, then rank 0
+    writes everything else and publishes the folder in one rename."""
+    root, final = _folders(run_dir, step)
+    if not (final / STATE_FILE).is_file():  # every process sees the same: publishing comes after the barriers
+        tmp = root / f".tmp-ckpt-{step}-shards"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+        barrier()
+        tree, tensors = split_tensors(state)
+        if rank != 0:
+            shards = {key: tensors[key] for key in _shard_keys(tree)}
+            save_file(shards, str(tmp / SHARD_FILE.format(rank=rank)), metadata={"format": FORMAT})
+            _fsync(tmp / SHARD_FILE.format(rank=rank))
+        barrier()
+        if rank == 0:
+            _write_and_publish(tmp, final, step, tree, tensors, shards=world_size)
+    barrier()
+    if rank == 0:
+        _prune(root, keep)
+    return final
+
+
+def _folders(run_dir: str | Path, step: int) -> tuple[Path, Path]:
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    return root, root / f"ckpt-{step}"
+
+
+def _write_and_publish(tmp: Path, final: Path, step: int, tree: Any, tensors: dict, **record_extra) -> None:
+    """The tensors and state.json into `tmp`, fsynced, then `tmp` renamed to `final`."""
+    save_file(tensors, str(tmp / TENSORS_FILE), metadata={"format": FORMAT})
+    record = {"format": FORMAT, "version": VERSION, "step": step, **record_extra, "state": tree}
+    (tmp / STATE_FILE).write_text(json.dumps(record), encoding="utf-8")
+    for file in (tmp / TENSORS_FILE, tmp / STATE_FILE, tmp):
+        _fsync(file)
+    shutil.rmtree(final, ignore_errors=True)  # an incomplete folder (no state.json) of the same step
+    os.rename(tmp, final)
+    _fsync(final.parent)
+
+
+def _prune(root: Path, keep: int | None) -> None:
+    if keep is None:
+        return
+    for old in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(old)
+    for stale in root.glob(".tmp-ckpt-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _shard_keys(tree: Any) -> list[str]:
+    """The tensor keys of the shards (FSDP DTensors) in a split state tree."""
+    if isinstance(tree, list):
+        return [k for v in tree for k in _shard_keys(v)]
+    if not isinstance(tree, dict):
+        return []
+    if "__shard__" in tree:
+        return [tree["__shard__"]]
+    return [k for v in tree.values() for k in _shard_keys(v)]
+
+
+def load_checkpoint(path: str | Path, required: Iterable[str] = (), process: tuple[int, int] | None = None) -> dict:
     """The state tree saved by `save_checkpoint` (tensors on CPU), verified: raises
     CheckpointError (naming the file) for unreadable JSON, a damaged or truncated tensors file,
-    a missing `required` top-level key or a floating tensor that is not finite."""
+    a missing `required` top-level key or a floating tensor that is not finite. A sharded
+    checkpoint gives the shards of `process` = (rank, world size), by default this process's
+    under torchrun, as LocalShards; it needs the world size it was written with."""
     path = Path(path)
     state_path = path / STATE_FILE
     if not state_path.is_file():
@@ -193,13 +266,33 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = ()) -> dict:
     if checkpoint_step(path) is not None and record.get("step") != checkpoint_step(path):
         raise CheckpointError(f"{state_path} says step {record.get('step')!r}, but the folder is {path.name}")
     try:
-        state = join_tensors(record.get("state"), load_tensors(path / TENSORS_FILE))
+        tensors = load_tensors(path / TENSORS_FILE)
+        if record.get("shards") is not None:
+            tensors.update(_own_shards(path, record, process or process_rank()))
+        state = join_tensors(record.get("state"), tensors)
     except TensorFileError as error:
         raise CheckpointError(str(error)) from None
     except (ValueError, TypeError) as error:  # a state tree that does not fit its tensors
         raise CheckpointError(f"{path}: {error}") from None
     _check_state(path, state, tuple(required))
     return state
+
+
+def _own_shards(path: Path, record: dict, process: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Rank r's shards (rank 0's are in the tensors file itself)."""
+    (rank, world), shards = process, record["shards"]
+    if world != shards:
+        raise CheckpointError(
+            f"{path} is sharded across {shards} processes (train.parallel = 'fsdp'); resume it with "
+            f"torchrun --nproc_per_node={shards}, not {world} process{'es' if world != 1 else ''}"
+        )
+    if rank == 0:
+        return {}
+    own = load_tensors(path / SHARD_FILE.format(rank=rank))
+    missing = sorted(set(_shard_keys(record.get("state"))) - set(own))
+    if missing:
+        raise CheckpointError(f"{path / SHARD_FILE.format(rank=rank)} lacks the shards {missing[:3]}")
+    return own
 
 
 def _check_state(path: Path, state: Any, required: tuple[str, ...]) -> None:
@@ -214,9 +307,11 @@ def _check_state(path: Path, state: Any, required: tuple[str, ...]) -> None:
 
 
 def _tensors(tree: Any, path: str = "") -> Iterable[tuple[str, torch.Tensor]]:
-    """(path, tensor) for every tensor in a state tree."""
+    """(path, tensor) for every tensor (or shard) in a state tree."""
     if isinstance(tree, torch.Tensor):
         yield path, tree
+    elif isinstance(tree, LocalShard):
+        yield path, tree.tensor
     elif isinstance(tree, dict):
         for key, value in tree.items():
             yield from _tensors(value, f"{path}/{key}" if path else str(key))
@@ -234,14 +329,16 @@ class Found:
     skipped: list[Path] = field(default_factory=list)
 
 
-def newest_readable(run_dir: str | Path, required: Iterable[str] = ()) -> Found | None:
+def newest_readable(
+    run_dir: str | Path, required: Iterable[str] = (), process: tuple[int, int] | None = None
+) -> Found | None:
     """The newest checkpoint of a run that verifies (`load_checkpoint`), warning (CheckpointSkipped)
     for each newer one that does not; None if the run has no checkpoint. Raises CheckpointError,
     listing every problem, when it has checkpoints but none verifies. Deletes nothing."""
     problems = []
     for path in reversed(list_checkpoints(run_dir)):
         try:
-            return Found(path, load_checkpoint(path, required), [p for p, _ in problems])
+            return Found(path, load_checkpoint(path, required, process), [p for p, _ in problems])
         except CheckpointError as error:
             warnings.warn(f"skipping the damaged checkpoint {path}: {error}", CheckpointSkipped, stacklevel=2)
             problems.append((path, str(error)))

@@ -24,6 +24,7 @@ from difflab.schedules import MAX_T, SCHEDULE_NAMES
 
 PRECISIONS = ("fp32", "bf16")
 BAD_IMAGE_POLICIES = ("raise", "skip")
+PARALLEL_STRATEGIES = ("ddp", "fsdp")
 FREE_SECTIONS = ("data", "model")
 # keys that may change when a run is resumed: they do not change what is computed
 RESUMABLE_CHANGES = (
@@ -131,6 +132,7 @@ class TrainConfig:
     num_workers: int = 0
     on_bad_image: str = "raise"
     device: str = "auto"
+    parallel: str = "ddp"  # with several processes: "ddp" replicates the model, "fsdp" shards it
 
     def validate(self) -> None:
         for key in ("steps", "batch_size", "accumulate", "log_every", "keep_checkpoints"):
@@ -155,6 +157,7 @@ class TrainConfig:
         )
         _choice("train.precision", self.precision, PRECISIONS)
         _choice("train.on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
+        _choice("train.parallel", self.parallel, PARALLEL_STRATEGIES)
         _require(
             re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", self.device) is not None,
             "train.device",

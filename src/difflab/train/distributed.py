@@ -3,13 +3,16 @@
 Launch with ``torchrun --nproc_per_node=N -m difflab.cli train ...``: torchrun sets RANK,
 WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, and `setup` joins the group (gloo on
 CPU, nccl on GPU). Without those variables everything here is a no-op for one process, so
-the training loop has a single code path.
+the training loop has a single code path. `train.parallel` chooses how several processes
+share the work: "ddp" replicates the model (DistributedDataParallel), "fsdp" shards it
+(`difflab.train.sharding`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -24,6 +27,8 @@ class Dist:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     owns_group: bool = False  # whether `close` should tear the process group down
+    parallel: str = "ddp"  # "ddp" or "fsdp" (train.parallel); only matters with several processes
+    mesh: object = field(default=None, repr=False)  # the device mesh FSDP shards over (set by `wrap`)
 
     @property
     def is_main(self) -> bool:
@@ -34,13 +39,35 @@ class Dist:
     def active(self) -> bool:
         return self.world_size > 1
 
+    @property
+    def sharded(self) -> bool:
+        """Whether weights and optimizer state are split across processes (FSDP)."""
+        return self.active and self.parallel == "fsdp"
+
     def wrap(self, model: nn.Module) -> nn.Module:
-        """DistributedDataParallel when there are several processes (it also copies rank 0's
-        initial weights to every rank), the model itself otherwise."""
+        """With several processes: DistributedDataParallel (it also copies rank 0's initial
+        weights to every rank), or under FSDP the model itself, sharded in place; the model
+        itself for one process."""
         if not self.active:
             return model
+        if self.sharded:
+            from torch.distributed.device_mesh import init_device_mesh
+
+            from difflab.train.sharding import shard_model
+
+            self.mesh = init_device_mesh(self.device.type, (self.world_size,))
+            return shard_model(model, self.mesh)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids)
+
+    def gradient_sync(self, wrapped: nn.Module, enabled: bool):
+        """A context in which backward passes reduce gradients across processes or, disabled,
+        only accumulate them locally (all micro-batches but the last)."""
+        if not self.active or enabled:
+            return contextlib.nullcontext()
+        if self.sharded:
+            return _fsdp_no_sync(wrapped)
+        return wrapped.no_sync()
 
     def mean(self, values: Tensor) -> Tensor:
         """The mean over processes of a float tensor (same shape on every rank)."""
@@ -68,6 +95,21 @@ class Dist:
             self.owns_group = False
 
 
+@contextlib.contextmanager
+def _fsdp_no_sync(model: nn.Module):
+    model.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        model.set_requires_gradient_sync(True)
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) of this process as torchrun announced them, before the group is joined
+    (a resumed FSDP run reads its own shards of the checkpoint)."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     """'auto' -> this process's GPU if there is one, else the CPU."""
     if preference == "auto":
@@ -82,14 +124,14 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
     return device
 
 
-def setup(device: str = "auto") -> Dist:
+def setup(device: str = "auto", parallel: str = "ddp") -> Dist:
     """Join the process group described by torchrun's environment variables (if any)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1 and not dist.is_initialized():
-        return Dist(device=pick_device(device))
+        return Dist(device=pick_device(device), parallel=parallel)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = pick_device(device, local_rank)
     owns = not dist.is_initialized()
     if owns:
         dist.init_process_group(backend="nccl" if chosen.type == "cuda" else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, chosen, owns)
+    return Dist(dist.get_rank(), dist.get_world_size(), local_rank, chosen, owns, parallel)

@@ -11,6 +11,7 @@ dropout) comes from generators seeded with (seed, s, j), and the data of (s, j) 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import random
 import signal
@@ -27,11 +28,18 @@ from tqdm.auto import tqdm
 
 from difflab.data.seeding import derive_seed
 from difflab.train.batches import ShardSampler, ShardSchedule
-from difflab.train.checkpoint import capture_rng, latest_checkpoint, restore_rng, save_checkpoint
+from difflab.train.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    save_sharded_checkpoint,
+)
 from difflab.train.config import Config
 from difflab.train.distributed import Dist
 from difflab.train.ema import EMA
 from difflab.train.monitor import LogWindow, append_log, plot_loss, progress_line, read_log
+from difflab.train.sharding import ShardedEMA, full, full_copy, local, to_dtensors
 from difflab.train.tasks import Task
 from difflab.train.tasks.frozen import check_unchanged, freeze
 
@@ -84,8 +92,19 @@ class Trainer:
         # the task's frozen modules, on the device; what a checkpoint records: name -> source, fingerprint
         self.frozen_records = freeze(getattr(task, "frozen", {}), self.model, self.device)
         self.after_step = getattr(task, "after_step", None)
-        self.ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
-        self.wrapped = self.dist.wrap(self.model)
+        if self.dist.sharded:
+            if self.after_step is not None:
+                raise ValueError(
+                    f"train.parallel = 'fsdp' does not support the {type(task).__name__} task yet (its after_step "
+                    "works on whole weights); use train.parallel = 'ddp'"
+                )
+            self.template = copy.deepcopy(self.model)  # unsharded, for the sample grid and the export
+            self.wrapped = self.dist.wrap(self.model)  # the model itself, sharded in place
+            ema = ShardedEMA(self.model, self.template, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+        else:
+            ema = EMA(self.model, cfg.ema_decay, cfg.ema_warmup) if cfg.ema_decay > 0 else None
+            self.wrapped = self.dist.wrap(self.model)
+        self.ema = ema
         self.optimizer = torch.optim.AdamW(
             self.model.parameters(), lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay
         )
@@ -124,6 +143,8 @@ class Trainer:
                 f"{len(self.dataset)}; resuming would not continue the same run"
             )
         check_unchanged(state.get("frozen", {}), self.frozen_records)  # checkpoints before frozen modules: none
+        if self.dist.sharded:
+            state = to_dtensors(state, self.dist.mesh)
         self.model.load_state_dict(state["model"])
         if self.ema is not None:
             self.ema.load_state_dict(state["ema"])
@@ -136,10 +157,16 @@ class Trainer:
         self.records = [r for r in read_log(self.run_dir) if r.get("step", 0) <= self.step]
 
     def save(self) -> Path | None:
-        """Rank 0 writes the checkpoint of the current step; every rank waits for it."""
-        path = None
-        if self.dist.is_main:
-            path = save_checkpoint(self.run_dir, self.step, self.state_dict(), keep=self.cfg.keep_checkpoints)
+        """Rank 0 writes the checkpoint of the current step (under FSDP each process adds its
+        shards); every rank waits for it."""
+        path, keep = None, self.cfg.keep_checkpoints
+        if self.dist.sharded:
+            d = self.dist
+            path = save_sharded_checkpoint(
+                self.run_dir, self.step, self.state_dict(), d.rank, d.world_size, d.barrier, keep
+            )
+        elif self.dist.is_main:
+            path = save_checkpoint(self.run_dir, self.step, self.state_dict(), keep=keep)
         self.saved_step = self.step
         self.dist.barrier()
         return path
@@ -168,9 +195,8 @@ class Trainer:
             shard_seed = derive_seed(self.cfg.seed, STEP_STREAM, self.step, k * world + rank)
             self.generator.manual_seed(shard_seed)
             seed_everything(shard_seed)
-            # gradients are all-reduced once, on the last micro-batch
-            sync = self.wrapped.no_sync() if self.dist.active and k < acc - 1 else contextlib.nullcontext()
-            with sync:
+            # gradients are reduced across processes once, on the last micro-batch
+            with self.dist.gradient_sync(self.wrapped, enabled=k == acc - 1):
                 with self.autocast():
                     losses, logs = self.task.loss(self.wrapped, batch, self.generator)
                 loss = losses.float().mean()
@@ -178,7 +204,7 @@ class Trainer:
             for key, value in {"loss": loss, **logs}.items():
                 totals[key] = totals.get(key, 0.0) + value.detach().float() / acc
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+        grad_norm = full(torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm))
         keys = sorted(totals)
         stop = float(self.stop_signal is not None)
         packed = torch.stack([totals[k] for k in keys] + [grad_norm.float(), torch.tensor(stop, device=self.device)])
@@ -209,7 +235,9 @@ class Trainer:
         """After the update: a weight that is not finite (an overflowing learning rate, a damaged
         optimizer state) stops the run before anything of this step is saved or exported."""
         named = list(self.model.named_parameters())
-        finite = torch.stack([torch.isfinite(p.detach()).all() for _, p in named])
+        finite = torch.stack([torch.isfinite(local(p).detach()).all() for _, p in named])
+        if self.dist.sharded:  # each process sees its own shards: a weight is finite where all agree
+            finite = self.dist.mean(finite.float()) == 1.0
         if not bool(finite.all()):
             name = named[int((~finite).nonzero()[0])][0]
             raise TrainingDiverged(
@@ -271,18 +299,22 @@ class Trainer:
                 print(progress_line(record, self.cfg.steps), flush=True)
 
     def sampling_model(self) -> torch.nn.Module:
+        """The network to sample from and export: the EMA's if there is one. Under FSDP a whole
+        copy is gathered, so every process must call it."""
+        if self.dist.sharded:
+            return self.ema.gathered() if self.ema is not None else full_copy(self.model.state_dict(), self.template)
         return self.ema.model if self.ema is not None else self.model
 
     def _pictures(self) -> None:
         """The loss curve and a grid of samples from fixed noise (comparable across steps)."""
+        model = self.sampling_model() if self.cfg.sample_every else None  # collective under FSDP
         if not self.dist.is_main:
             return
         plot_loss(self.records, self.run_dir / "loss.png")
-        if self.cfg.sample_every == 0:
+        if model is None:
             return
         from difflab.viz import save_samples
 
-        model = self.sampling_model()
         was_training = model.training
         model.eval()
         generator = torch.Generator().manual_seed(derive_seed(self.cfg.seed, SAMPLE_STREAM))

@@ -18,7 +18,7 @@ from difflab.pipelines.folder import MODEL_DIR
 from difflab.train.batches import build_dataset
 from difflab.train.checkpoint import CheckpointSkipped, Found, list_checkpoints, newest_readable, set_aside
 from difflab.train.config import RESUMABLE_CHANGES, Config, apply_overrides, config_changes, load_config, save_config
-from difflab.train.distributed import Dist, setup
+from difflab.train.distributed import Dist, process_rank, setup
 from difflab.train.loop import STATE_KEYS, Trainer
 from difflab.train.monitor import truncate_log
 from difflab.train.preflight import check_recipe
@@ -35,7 +35,7 @@ def load_run_config(run_dir: str | Path, overrides: Sequence[str] = ()) -> Confi
 
 def _newest(run_dir: str | Path) -> Found | None:
     """The checkpoint a resumed run continues from: the newest that verifies (see `newest_readable`)."""
-    return newest_readable(run_dir, STATE_KEYS)
+    return newest_readable(run_dir, STATE_KEYS, process_rank())
 
 
 def _run_config(run_dir: Path, found: Found | None, overrides: Sequence[str]) -> Config:
@@ -168,7 +168,7 @@ def run(
         check_new_run(run_dir)
     state = _resume_state(config, run_dir, found) if resume else None
 
-    dist = setup(config.train.device)
+    dist = setup(config.train.device, config.train.parallel)
     try:
         trainer = make_trainer(config, run_dir, dist)  # the data set's and the task's checks, still before
         if dist.is_main:  # the folder is touched
@@ -181,8 +181,9 @@ def run(
         if state is not None:
             _load_state(trainer, found)
         trainer.fit()
+        model = trainer.sampling_model()  # collective under FSDP
         if dist.is_main:
-            trainer.task.export(trainer.sampling_model(), run_dir / MODEL_DIR)
+            trainer.task.export(model, run_dir / MODEL_DIR)
             write_provenance(run_dir, trainer)
         dist.barrier()
         return run_dir
