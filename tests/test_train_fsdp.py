@@ -13,7 +13,14 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from difflab.train.checkpoint import CheckpointError, latest_checkpoint, list_checkpoints, load_checkpoint
+from difflab.train.checkpoint import (
+    CheckpointError,
+    WorldSizeMismatch,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    newest_readable,
+)
 from difflab.train.monitor import read_log
 from test_train_distributed import free_port
 from test_train_support import assert_identical, without_timing
@@ -139,8 +146,10 @@ def _leaves(tree, path=""):
 
 def test_a_sharded_checkpoint_refuses_another_world_size_and_a_missing_shard(runs, tmp_path):
     path = latest_checkpoint(runs / "fsdp")
-    with pytest.raises(CheckpointError, match=r"sharded across 2 processes.*--nproc_per_node=2, not 1 process$"):
+    with pytest.raises(WorldSizeMismatch, match=r"sharded across 2 processes.*--nproc_per_node=2, not 1 process$"):
         load_checkpoint(path, process=(0, 1))
+    with pytest.raises(WorldSizeMismatch):  # not a damaged checkpoint to skip and set aside: resuming stops
+        newest_readable(runs / "fsdp", process=(0, 1))
     damaged = tmp_path / "ckpt-4"
     damaged.mkdir()
     for file in path.iterdir():

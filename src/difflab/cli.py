@@ -35,6 +35,7 @@ def cmd_schedules(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from difflab.train import TrainingDiverged, TrainingInterrupted, load_config, run
+    from difflab.train.distributed import process_rank
 
     if args.config is None and args.resume is None:
         raise ValueError("give a recipe (difflab train configs/NAME.toml) or --resume RUN")
@@ -54,7 +55,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except TrainingInterrupted as e:
         print(f"difflab train: interrupted; {e}", file=sys.stderr)
         return 128 + e.signum
-    print(f"trained model in {out / 'model'}")
+    if process_rank()[0] == 0:  # under torchrun, once
+        print(f"trained model in {out / 'model'}")
     return 0
 
 

@@ -54,6 +54,11 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: unreadable, damaged or incomplete (the message names it)."""
 
 
+class WorldSizeMismatch(ValueError):
+    """A sharded (FSDP) checkpoint read by another number of processes than wrote it: the
+    checkpoint is fine, the launch is not, so resuming stops instead of skipping it."""
+
+
 class CheckpointSkipped(UserWarning):
     """A damaged checkpoint was passed over for an older one."""
 
@@ -251,7 +256,7 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = (), process: tup
     CheckpointError (naming the file) for unreadable JSON, a damaged or truncated tensors file,
     a missing `required` top-level key or a floating tensor that is not finite. A sharded
     checkpoint gives the shards of `process` = (rank, world size), by default this process's
-    under torchrun, as LocalShards; it needs the world size it was written with."""
+    under torchrun, as LocalShards; another world size raises WorldSizeMismatch."""
     path = Path(path)
     state_path = path / STATE_FILE
     if not state_path.is_file():
@@ -265,10 +270,17 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = (), process: tup
         raise CheckpointError(f"{state_path} has format/version {found!r}; this difflab reads {FORMAT!r} {VERSION}")
     if checkpoint_step(path) is not None and record.get("step") != checkpoint_step(path):
         raise CheckpointError(f"{state_path} says step {record.get('step')!r}, but the folder is {path.name}")
+    rank, world = process or process_rank()
+    shards = record.get("shards")
+    if shards is not None and shards != world:  # not damage: the run needs as many processes as wrote it
+        raise WorldSizeMismatch(
+            f"{path} is sharded across {shards} processes (train.parallel = 'fsdp'); resume it with "
+            f"torchrun --nproc_per_node={shards}, not {world} process{'es' if world != 1 else ''}"
+        )
     try:
         tensors = load_tensors(path / TENSORS_FILE)
-        if record.get("shards") is not None:
-            tensors.update(_own_shards(path, record, process or process_rank()))
+        if shards is not None:
+            tensors.update(_own_shards(path, record, rank))
         state = join_tensors(record.get("state"), tensors)
     except TensorFileError as error:
         raise CheckpointError(str(error)) from None
@@ -278,14 +290,8 @@ def load_checkpoint(path: str | Path, required: Iterable[str] = (), process: tup
     return state
 
 
-def _own_shards(path: Path, record: dict, process: tuple[int, int]) -> dict[str, torch.Tensor]:
+def _own_shards(path: Path, record: dict, rank: int) -> dict[str, torch.Tensor]:
     """Rank r's shards (rank 0's are in the tensors file itself)."""
-    (rank, world), shards = process, record["shards"]
-    if world != shards:
-        raise CheckpointError(
-            f"{path} is sharded across {shards} processes (train.parallel = 'fsdp'); resume it with "
-            f"torchrun --nproc_per_node={shards}, not {world} process{'es' if world != 1 else ''}"
-        )
     if rank == 0:
         return {}
     own = load_tensors(path / SHARD_FILE.format(rank=rank))
