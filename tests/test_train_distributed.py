@@ -1,13 +1,6 @@
 """Two CPU processes under torchrun (gloo): identical weights on both ranks, rank-0-only
 files, and the same training as one process accumulating two micro-batches."""
 
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -15,9 +8,8 @@ from safetensors.torch import load_file
 from difflab.train import run
 from difflab.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from difflab.train.monitor import read_log
-from test_train_support import assert_identical, distributed_recipe
+from test_train_support import assert_identical, distributed_recipe, torchrun
 
-TESTS = Path(__file__).parent
 SCRIPT = """
     import sys
 
@@ -42,26 +34,8 @@ SCRIPT = """
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one_process_accumulating_two_micro_batches(tmp_path):
-    script = tmp_path / "train.py"
-    script.write_text(textwrap.dedent(SCRIPT))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", str(script), str(tmp_path),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, timeout=300)
-    assert result.returncode == 0, result.stderr.decode()[-4000:]
+    torchrun(SCRIPT, tmp_path)
 
     rank0, rank1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
     assert_identical(rank0, rank1)  # DDP kept the replicas bit-identical

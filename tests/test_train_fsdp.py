@@ -3,10 +3,6 @@ DDP to float tolerance, checkpoints sharded per process, and a resumed run equal
 to an uninterrupted one."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -22,10 +18,8 @@ from difflab.train.checkpoint import (
     newest_readable,
 )
 from difflab.train.monitor import read_log
-from test_train_distributed import free_port
-from test_train_support import assert_identical, without_timing
+from test_train_support import assert_identical, torchrun, without_timing
 
-TESTS = Path(__file__).parent
 SCRIPT = """
     import sys
 
@@ -67,19 +61,7 @@ def tiny_dit_recipe(parallel: str, steps: int):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
-    script = out / "train.py"
-    script.write_text(textwrap.dedent(SCRIPT))
-    env = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
-        "OMP_NUM_THREADS": "1",
-    }
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-        f"--master_port={free_port()}", str(script), str(out),
-    ]  # fmt: skip
-    result = subprocess.run(command, env=env, capture_output=True, timeout=600)
-    assert result.returncode == 0, result.stderr.decode()[-4000:]
+    torchrun(SCRIPT, out)
     return out
 
 

@@ -4,6 +4,7 @@ which import this file by putting tests/ on PYTHONPATH)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +72,30 @@ def tiny_config(**sections) -> Config:
         else:
             raw[name] = values
     return Config.from_dict(raw)
+
+
+def torchrun(script: str, out: Path, processes: int = 2, timeout: float = 600) -> None:
+    """Run `script` (python source, dedented here) under torchrun with `processes` CPU processes
+    and `out` as its argument; tests/ is on its path. Fails the test with the script's stderr."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import textwrap
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = out / "script.py"
+    path.write_text(textwrap.dedent(script))
+    paths = os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": paths, "OMP_NUM_THREADS": "1"}
+    command = [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={processes}", "--master_addr=127.0.0.1",
+        f"--master_port={port}", str(path), str(out),
+    ]  # fmt: skip
+    result = subprocess.run(command, env=env, capture_output=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr.decode()[-4000:]
 
 
 def without_timing(records):

@@ -20,11 +20,14 @@ class EMA:
     """
 
     def __init__(self, model: nn.Module, decay: float, warmup: bool = True):
+        self._start(decay, warmup)
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+
+    def _start(self, decay: float, warmup: bool) -> None:
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay!r}")
         self.decay, self.warmup = decay, warmup
         self.num_updates = 0
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
 
     def current_decay(self) -> float:
         n = self.num_updates

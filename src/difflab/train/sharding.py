@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor, Shard
 
+from difflab.train.ema import EMA
+
 
 def shard_model(model: nn.Module, mesh) -> nn.Module:
     """`fully_shard` every block held in an nn.ModuleList (innermost first), then the root, so a
@@ -73,23 +75,17 @@ def to_dtensors(tree, mesh):
     return tree
 
 
-class ShardedEMA:
+class ShardedEMA(EMA):
     """The EMA of a sharded model, itself sharded: each process averages its own shards (no
     communication). `template` is an unsharded copy of the network (made before sharding) that
     `full_copy` fills with the gathered averages when a runnable network is needed."""
 
     def __init__(self, model: nn.Module, template: nn.Module, decay: float, warmup: bool = True):
-        if not 0.0 <= decay < 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1), got {decay!r}")
-        self.decay, self.warmup, self.num_updates = decay, warmup, 0
+        self._start(decay, warmup)
         self.template = template
         with torch.no_grad():
             self.weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
         self.params = set(dict(model.named_parameters()))
-
-    def current_decay(self) -> float:
-        n = self.num_updates
-        return min(self.decay, (1 + n) / (10 + n)) if self.warmup else self.decay
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
