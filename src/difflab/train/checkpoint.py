@@ -71,16 +71,13 @@ def split_tensors(tree: Any, path: str = "", tensors: dict | None = None) -> tup
     `join_tensors` gives back exactly what was saved.
     """
     tensors = {} if tensors is None else tensors
-    if isinstance(tree, DTensor):  # a shard of a tensor split across processes (FSDP)
-        key = path or "tensor"
-        if key in tensors:
-            raise ValueError(f"two tensors in the checkpoint state map to the same key {key!r}")
-        tensors[key] = tree.to_local().detach().to("cpu", copy=True).contiguous()
-        return {"__shard__": key, "shape": list(tree.shape), "stride": list(tree.stride())}, tensors
     if isinstance(tree, torch.Tensor):
         key = path or "tensor"
         if key in tensors:
             raise ValueError(f"two tensors in the checkpoint state map to the same key {key!r}")
+        if isinstance(tree, DTensor):  # this process's shard of a tensor split across processes (FSDP)
+            tensors[key] = tree.to_local().detach().to("cpu", copy=True).contiguous()
+            return {"__shard__": key, "shape": list(tree.shape), "stride": list(tree.stride())}, tensors
         tensors[key] = tree.detach().to("cpu", copy=True).contiguous()
         return {"__tensor__": key}, tensors
     if isinstance(tree, tuple):

@@ -126,7 +126,7 @@ def pick_device(preference: str = "auto", local_rank: int = 0) -> torch.device:
 
 def setup(device: str = "auto", parallel: str = "ddp") -> Dist:
     """Join the process group described by torchrun's environment variables (if any)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    _, world_size = process_rank()
     if world_size <= 1 and not dist.is_initialized():
         return Dist(device=pick_device(device), parallel=parallel)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
