@@ -7,8 +7,10 @@
 
 For each of the L_simple, L_hybrid and L_vlb models (configs/digits-ddpm.toml, digits-hybrid.toml,
 digits-vlb.toml: one network, three objectives): bits/dim of the first `--images` test digits
-re-quantised to 8 bits, by the variational bound and exactly through the probability-flow ODE
-(one value per seed: dequantisation, Hutchinson probe and forward noise), and digits FD /
+re-quantised to 8 bits, by the variational bound of the model as it samples (x0 thresholded as
+its manifest says, as Ho et al.'s and improved DDPM's bound code clip it) and exactly through the
+bare network's probability-flow ODE (one value per seed: dequantisation, Hutchinson probe and
+forward noise), and digits FD /
 confident share of `--n` samples (DDIM-50, and for the learned-variance models ancestral DDPM on
 `--ddpm-steps` respaced steps, which learned variances are for). For the NCSN recipe
 (digits-ncsn.toml): FD with annealed Langevin (`--langevin-levels` levels x 20 steps) and with
@@ -38,7 +40,7 @@ from pathlib import Path
 
 import torch
 
-from difflab.eval.likelihood import bits_per_dim, eight_bit_test_digits
+from difflab.eval.likelihood import eight_bit_test_digits, model_bits_per_dim
 from difflab.eval.report import evaluate_digits, format_metrics
 from difflab.pipelines import Pipeline
 
@@ -57,7 +59,7 @@ def likelihoods(pipe: Pipeline, images: torch.Tensor, seeds: list[int], tol: flo
     """Bits/dim by the bound and by the ODE, one estimate per seed, with their spread."""
     out = {}
     for method in ("vlb", "ode"):
-        runs = [bits_per_dim(pipe.denoiser, images, method, seed=s, repeats=1, rtol=tol, atol=tol) for s in seeds]
+        runs = [model_bits_per_dim(pipe, images, method, seed=s, repeats=1, rtol=tol, atol=tol) for s in seeds]
         values = [r["bits_per_dim"] for r in runs]
         out[method] = {
             "bits_per_dim": statistics.fmean(values),
@@ -107,7 +109,8 @@ def ncsn_ratios(models: dict) -> dict:
 
 
 NAMES = ("simple", "hybrid", "vlb", "ncsn")
-SETTINGS = ("test_images", "seeds", "ode_tolerance", "n")
+SETTINGS = ("test_images", "seeds", "ode_tolerance", "n", "bound")
+BOUND = "x0 thresholded as the manifest says"  # results before it scored the bare network
 
 
 def earlier_models(path: Path, settings: dict) -> dict:
@@ -161,7 +164,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "likelihood.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    settings = {"test_images": args.images, "seeds": args.seeds, "ode_tolerance": args.tol, "n": args.n}
+    settings = {"test_images": args.images, "seeds": args.seeds, "ode_tolerance": args.tol, "n": args.n, "bound": BOUND}
     models = {}
     for path in ([args.out] if args.only and args.out.exists() else []) + args.merge:
         models.update(earlier_models(path, settings))

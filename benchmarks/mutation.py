@@ -55,7 +55,16 @@ MODULES = {
     "guidance": ("src/difflab/guidance.py", ["test_guidance", "test_guidance_mutants"]),
     "samplers": (
         "src/difflab/samplers/*",
-        ["test_samplers", "test_samplers_steps", "test_samplers_known_bugs", "test_samplers_timesteps", "test_sde"],
+        [
+            "test_samplers",
+            "test_samplers_steps",
+            "test_samplers_known_bugs",
+            "test_samplers_timesteps",
+            "test_sde",
+            "test_samplers_solvers",
+            "test_samplers_heun",
+            "test_consistency",
+        ],
     ),
     "ema": ("src/difflab/train/ema.py", ["test_train_batches"]),
     "checkpoint": (

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from difflab.cli import main
-from difflab.eval.likelihood import bits_per_dim, eight_bit_test_digits, requantize_8bit
+from difflab.denoiser import ClipDenoiser
+from difflab.eval.likelihood import bits_per_dim, eight_bit_test_digits, model_bits_per_dim, requantize_8bit
 from difflab.eval.metrics import nll_bpd
 from difflab.methods.likelihood import ode_bits_per_dim, to_levels
 from difflab.pipelines import Pipeline
@@ -57,6 +58,33 @@ def test_both_methods_are_the_library_estimators_on_the_same_images(tiny_model):
         assert m["num_images"] == 3 and m["sem"] >= 0 and m["bits_per_dim"] > 0  # an untrained model: large, finite
     with pytest.raises(ValueError, match="allowed: vlb, ode"):
         bits_per_dim(pipe.denoiser, images, "elbo")
+
+
+def test_the_bound_scores_the_thresholded_model_and_the_ode_the_bare_network(tiny_model):
+    pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
+    assert pipe.manifest["thresholding"] == "static"
+    images = eight_bit_test_digits(16, 3)
+    bound = model_bits_per_dim(pipe, images, "vlb", seed=4, repeats=1)["bits_per_dim"]
+    clipped = bits_per_dim(ClipDenoiser(pipe.denoiser), images, "vlb", seed=4, repeats=1)["bits_per_dim"]
+    bare = bits_per_dim(pipe.denoiser, images, "vlb", seed=4, repeats=1)["bits_per_dim"]
+    assert bound == pytest.approx(clipped, abs=1e-12)
+    assert abs(bound - bare) > 1e-2  # negative control: the untrained x0 leaves [-1, 1], so the clip matters
+    ode = model_bits_per_dim(pipe, images, "ode", seed=4, repeats=1, rtol=1e-2, atol=1e-2)["bits_per_dim"]
+    assert ode == bits_per_dim(pipe.denoiser, images, "ode", seed=4, repeats=1, rtol=1e-2, atol=1e-2)["bits_per_dim"]
+
+
+def test_a_wrapped_network_is_scored_in_eval_mode_and_handed_back_as_it_was(tiny_model):
+    pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
+    net = pipe.denoiser.net
+    seen = []
+    hook = net.register_forward_pre_hook(lambda module, args: seen.append(module.training))
+    net.train()
+    try:
+        bits_per_dim(ClipDenoiser(pipe.denoiser), eight_bit_test_digits(16, 1), "vlb", repeats=1)
+    finally:
+        hook.remove()
+    assert seen and not any(seen)  # dropout off for every forward, though the network sits under a wrapper
+    assert net.training  # and its mode restored
 
 
 def test_eval_cli_reports_ode_bits_per_dim(tiny_model, tmp_path, capsys):

@@ -261,11 +261,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         denoiser, n=args.n, seed=args.seed, cond=cond, progress=True, decode=pipe.decoder, **settings
     )
     if args.likelihood:
-        from difflab.eval.likelihood import bits_per_dim, eight_bit_test_digits
+        from difflab.eval.likelihood import eight_bit_test_digits, model_bits_per_dim
 
         test = eight_bit_test_digits(pipe.manifest["sample_shape"][-1], args.likelihood_n)
         tol = {"rtol": args.ode_tol, "atol": args.ode_tol}
-        metrics["likelihood"] = bits_per_dim(pipe.denoiser, test, args.likelihood, seed=args.seed, progress=True, **tol)
+        metrics["likelihood"] = model_bits_per_dim(pipe, test, args.likelihood, seed=args.seed, progress=True, **tol)
     print(format_metrics(metrics))
     if "likelihood" in metrics:
         m = metrics["likelihood"]

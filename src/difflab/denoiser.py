@@ -125,13 +125,19 @@ def build_denoiser(
     return DENOISER_FACTORIES[prediction](net, schedule, prediction, variance, sample_shape, **options)
 
 
-def device_of(denoiser: Denoiser) -> torch.device:
-    """Where a denoiser's network lives (through any wrappers); CPU for network-free ones, so
-    conditions built for it (labels, encoded prompts) can be put on the same device."""
+def network_of(denoiser: Denoiser) -> nn.Module | None:
+    """The network under a denoiser's wrappers (guidance, thresholding); None for network-free ones."""
     while isinstance(denoiser, DenoiserWrapper):
         denoiser = denoiser.inner
     net = getattr(denoiser, "net", None)
-    if isinstance(net, nn.Module):
+    return net if isinstance(net, nn.Module) else None
+
+
+def device_of(denoiser: Denoiser) -> torch.device:
+    """Where a denoiser's network lives (through any wrappers); CPU for network-free ones, so
+    conditions built for it (labels, encoded prompts) can be put on the same device."""
+    net = network_of(denoiser)
+    if net is not None:
         for p in net.parameters():
             return p.device
     return torch.device("cpu")
