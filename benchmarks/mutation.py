@@ -4,6 +4,7 @@ benchmarks/results/mutation.json.
     python benchmarks/mutation.py                      # every module in pyproject's [tool.mutmut] (`make mutate`)
     python benchmarks/mutation.py --module ema         # one module (or several) with the tests that matter for it
     python benchmarks/mutation.py --module ema --report-only   # re-read the last run's results, run nothing
+    python benchmarks/mutation.py --module samplers --recheck  # rerun only the survivors in mutation.json
 
 Why a wrapper: mutmut works in the folder it is started from (it copies src/ and tests/ into
 mutants/ there). Runs go in build/mutation/<name>/ (ignored by git), whose pyproject.toml is the
@@ -12,7 +13,11 @@ rerun test only the functions that changed.
 
 Results, per module: killed, survived, timeout, no tests (mutated code that no selected test
 calls), the equivalent mutants, each with its one-line reason from benchmarks/mutation_equivalent.toml,
-every remaining survivor with its change, and score = killed / (total - equivalent). An
+every remaining survivor with its change, and score = killed / (total - equivalent).
+--recheck is for a fresh workspace after tests were added (not code changed): it runs only the
+mutants that mutation.json lists as alive for the module and counts the others as the earlier run
+found them (killed: the test selection only grows, so a killed mutant stays killed); it refuses
+when the module's sources changed since that run, as mutant names would no longer match. An
 equivalent entry names the mutant and the line the mutant writes; if the code moved on and that
 mutant now writes something else, the entry is reported as stale and the mutant counts again.
 
@@ -163,15 +168,20 @@ def mirror_source(src: Path, dst: Path, mutated: list[str]) -> None:
             shutil.copy2(path, target)
 
 
-def run_mutmut(ws: Path, workers: int) -> float:
+def run_mutmut(ws: Path, workers: int, only: list[str] | None = None) -> float:
     """`mutmut run`, then once more on the mutants still alive (survived, timed out or reached by no
     test), by name: mutmut keeps a result as long as the mutated function is unchanged, even when the
-    tests changed; named mutants are rerun."""
+    tests changed; named mutants are rerun. With `only`, just those mutants, once."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     start = time.perf_counter()
     # which tests reach which function: recollected each run, as edited tests change it too
     (ws / "mutants" / "mutmut-stats.json").unlink(missing_ok=True)
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)]
+    if only is not None:
+        done = subprocess.run(command + only, cwd=ws, env=env)
+        if done.returncode != 0:
+            raise SystemExit(f"mutmut run failed (exit {done.returncode}); see its output above")
+        return time.perf_counter() - start
     done = subprocess.run(command, cwd=ws, env=env)
     # "no tests" too: a test added since may reach the function now
     alive = [n for r in read_results(ws).values() for n, s in r.items() if s in ("survived", "timeout", "no tests")]
@@ -234,8 +244,36 @@ def load_equivalents() -> dict[str, dict]:
     return {entry["mutant"]: entry for entry in entries}
 
 
-def summarise(ws: Path) -> dict[str, dict]:
+def previously_alive(report: dict, modules: list[str]) -> tuple[list[str], str]:
+    """The mutants the last run of `modules` left alive, and the time that run finished (--recheck)."""
+    names, finished = [], []
+    for module in modules:
+        entry = report.get("modules", {}).get(module)
+        if not entry or "run" not in entry:
+            raise SystemExit(f"--recheck: {RESULTS.name} has no earlier run of {module!r}; run it in full first")
+        names += [s["mutant"] for s in entry["survivors"]] + [e["mutant"] for e in entry["equivalent"]]
+        finished.append(entry["run"]["finished"])
+        pattern = MODULES[module][0].replace("*", "")
+        changed = subprocess.run(
+            ["git", "log", "--oneline", f"--since={entry['run']['finished']}", "--", pattern],
+            cwd=ROOT, capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", pattern], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+        if changed or dirty:
+            raise SystemExit(f"--recheck: {pattern} changed since the run of {entry['run']['finished']}; run in full")
+    return names, min(finished)
+
+
+def summarise(ws: Path, carried: set[str] | None = None) -> dict[str, dict]:
+    """Per-module counts from the workspace; with `carried` (--recheck), a mutant not run here and
+    not among the earlier run's alive `carried` ones counts as the killed mutant that run found."""
     results = read_results(ws)
+    if carried is not None:
+        results = {
+            source: {n: ("killed" if s == "not checked" and n not in carried else s) for n, s in statuses.items()}
+            for source, statuses in results.items()
+        }
     equivalents = load_equivalents()
     open_names = [n for r in results.values() for n, s in r.items() if s != "killed"]
     diff = changes(ws, open_names)
@@ -280,23 +318,32 @@ def main() -> int:
     parser.add_argument("--module", action="append", choices=sorted(MODULES), help="only this module (repeatable)")
     parser.add_argument("--workers", type=int, default=1, help="parallel mutmut workers (default 1)")
     parser.add_argument("--report-only", action="store_true", help="collect the last run's results, run nothing")
+    parser.add_argument(
+        "--recheck",
+        action="store_true",
+        help="run only the mutants the last run left alive (after adding tests, not changing code)",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    if args.recheck and not args.module:
+        parser.error("--recheck needs --module")
 
+    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    report.setdefault("modules", {})
+    alive, since = previously_alive(report, args.module) if args.recheck else (None, None)
     ws = workspace(args.module)
     incremental = any((ws / "mutants").rglob("*.py.meta"))  # mutmut reruns only what changed since then
-    seconds = None if args.report_only else run_mutmut(ws, args.workers)
-    modules = summarise(ws)
+    seconds = None if args.report_only else run_mutmut(ws, args.workers, alive)
+    modules = summarise(ws, None if alive is None else set(alive))
     if not modules:
         raise SystemExit(f"no mutmut results in {ws / 'mutants'}: run without --report-only first")
 
     import mutmut
 
-    report = json.loads(args.out.read_text()) if args.out.is_file() else {}
-    report.setdefault("modules", {})
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     run = {"modules": sorted(modules), "workers": args.workers, "seconds": None if seconds is None else round(seconds),
            "incremental": incremental, "finished": stamp,
+           **({"rechecked": f"{len(alive)} mutants alive after the run of {since}"} if alive else {}),
            "tests": tomllib.loads((ws / "pyproject.toml").read_text())["tool"]["mutmut"][
                "pytest_add_cli_args_test_selection"]}  # fmt: skip
     for name, entry in modules.items():
