@@ -14,10 +14,10 @@ rerun test only the functions that changed.
 Results, per module: killed, survived, timeout, no tests (mutated code that no selected test
 calls), the equivalent mutants, each with its one-line reason from benchmarks/mutation_equivalent.toml,
 every remaining survivor with its change, and score = killed / (total - equivalent).
---recheck is for a fresh workspace after tests were added (not code changed): it runs only the
-mutants that mutation.json lists as alive for the module and counts the others as the earlier run
-found them (killed: the test selection only grows, so a killed mutant stays killed); it refuses
-when the module's sources changed since that run, as mutant names would no longer match. An
+--recheck is for a fresh workspace after tests were added: it runs only the mutants that
+mutation.json lists as alive for the module, and every mutant of a source file changed since
+that run (mutant numbers move when code does), and counts the others as the earlier run found
+them (killed: the test selection only grows, so a killed mutant stays killed). An
 equivalent entry names the mutant and the line the mutant writes; if the code moved on and that
 mutant now writes something else, the entry is reported as stale and the mutant counts again.
 
@@ -31,6 +31,7 @@ torch.no_grad(): body`, the same function for everything but generators (left as
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import subprocess
@@ -69,6 +70,7 @@ MODULES = {
             "test_samplers_solvers",
             "test_samplers_heun",
             "test_consistency",
+            "test_samplers_mutants",
         ],
     ),
     "ema": ("src/difflab/train/ema.py", ["test_train_batches"]),
@@ -245,24 +247,34 @@ def load_equivalents() -> dict[str, dict]:
 
 
 def previously_alive(report: dict, modules: list[str]) -> tuple[list[str], str]:
-    """The mutants the last run of `modules` left alive, and the time that run finished (--recheck)."""
+    """What --recheck runs: the mutants the last run of `modules` left alive, and every mutant of a
+    source file changed since that run (its mutant numbers may have moved), as mutmut name
+    patterns; and the time that run finished."""
     names, finished = [], []
     for module in modules:
         entry = report.get("modules", {}).get(module)
         if not entry or "run" not in entry:
             raise SystemExit(f"--recheck: {RESULTS.name} has no earlier run of {module!r}; run it in full first")
-        names += [s["mutant"] for s in entry["survivors"]] + [e["mutant"] for e in entry["equivalent"]]
-        finished.append(entry["run"]["finished"])
         pattern = MODULES[module][0].replace("*", "")
-        changed = subprocess.run(
-            ["git", "log", "--oneline", f"--since={entry['run']['finished']}", "--", pattern],
-            cwd=ROOT, capture_output=True, text=True, check=True,
-        ).stdout.strip()  # fmt: skip
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", pattern], cwd=ROOT, capture_output=True,
-                               text=True, check=True).stdout.strip()  # fmt: skip
-        if changed or dirty:
-            raise SystemExit(f"--recheck: {pattern} changed since the run of {entry['run']['finished']}; run in full")
+        since = ["git", "log", f"--since={entry['run']['finished']}", "--name-only", "--format=", "--", pattern]
+        dirty = ["git", "status", "--porcelain", "--untracked-files=no", "--", pattern]
+        changed = {line.split()[-1] for command in (since, dirty) for line in git(command).splitlines() if line.strip()}
+        rerun = [mutant_prefix(path) for path in sorted(changed) if path.endswith(".py")]
+        names += [n for n in [s["mutant"] for s in entry["survivors"]] + [e["mutant"] for e in entry["equivalent"]]
+                  if not any(fnmatch.fnmatch(n, p) for p in rerun)] + rerun  # fmt: skip
+        finished.append(entry["run"]["finished"])
     return names, min(finished)
+
+
+def git(command: list[str]) -> str:
+    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def mutant_prefix(path: str) -> str:
+    """The mutmut name pattern of every mutant of a source file: src/difflab/samplers/loop.py ->
+    difflab.samplers.loop.x* (mutant names are module.x_function or module.xǁClassǁmethod)."""
+    module = Path(path).relative_to("src").with_suffix("").as_posix().replace("/", ".")
+    return module.removesuffix(".__init__") + ".x*"
 
 
 def summarise(ws: Path, carried: set[str] | None = None) -> dict[str, dict]:
@@ -343,7 +355,8 @@ def main() -> int:
     stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     run = {"modules": sorted(modules), "workers": args.workers, "seconds": None if seconds is None else round(seconds),
            "incremental": incremental, "finished": stamp,
-           **({"rechecked": f"{len(alive)} mutants alive after the run of {since}"} if alive else {}),
+           **({"rechecked": {"after_run_of": since, "alive_then": sum("*" not in n for n in alive),
+                              "files_rerun": [n for n in alive if "*" in n]}} if alive else {}),
            "tests": tomllib.loads((ws / "pyproject.toml").read_text())["tool"]["mutmut"][
                "pytest_add_cli_args_test_selection"]}  # fmt: skip
     for name, entry in modules.items():

@@ -84,7 +84,6 @@ class SamplerLoop:
         on_device = self.timesteps.to(x_T.device)
         self._t_batch = [on_device[i].expand(x_T.shape[0]) for i in range(len(self.t))]
         self.progress, self.desc = progress, desc
-        self.nfe = 0
 
     def __len__(self) -> int:
         return len(self.t)
@@ -106,7 +105,6 @@ class SamplerLoop:
 
     def denoise(self, x: Tensor, i: int) -> Prediction:
         """The denoiser at the i-th listed timestep (x in VP coordinates)."""
-        self.nfe += 1
         return self.denoiser(x, self._t_batch[i], self.cond)
 
     def noise(self, like: Tensor) -> Tensor:
