@@ -195,6 +195,11 @@ def test_loop_shows_its_description_and_counts_nothing_it_does_not_need(capsys):
     assert list(loop) == [0, 1]
     assert_progress_bar(capsys.readouterr().err, "sampling")
     torch.testing.assert_close(loop.denoise(x_T, 1).x0, cond["c"])  # the loop's cond reaches the network
+    # fractional levels are kept in double precision, integer ones as integers
+    assert SamplerLoop(den, x_T, torch.tensor([50.5, 20.25]), progress=False).timesteps.dtype == torch.float64
+    assert (
+        SamplerLoop(den, x_T, torch.tensor([50, 20], dtype=torch.int32), progress=False).timesteps.dtype == torch.int64
+    )
 
 
 def test_ddim_inversion_reports_each_step_upward_with_its_condition(capsys):
