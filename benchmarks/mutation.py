@@ -4,7 +4,7 @@ benchmarks/results/mutation.json.
     python benchmarks/mutation.py                      # every module in pyproject's [tool.mutmut] (`make mutate`)
     python benchmarks/mutation.py --module ema         # one module (or several) with the tests that matter for it
     python benchmarks/mutation.py --module ema --report-only   # re-read the last run's results, run nothing
-    python benchmarks/mutation.py --module samplers --recheck  # rerun only the survivors in mutation.json
+    python benchmarks/mutation.py --module samplers --recheck  # after adding tests: only what mutation.json left alive
 
 Why a wrapper: mutmut works in the folder it is started from (it copies src/ and tests/ into
 mutants/ there). Runs go in build/mutation/<name>/ (ignored by git), whose pyproject.toml is the
@@ -333,7 +333,7 @@ def main() -> int:
     parser.add_argument(
         "--recheck",
         action="store_true",
-        help="run only the mutants the last run left alive (after adding tests, not changing code)",
+        help="run only the mutants the last run left alive, and all of any source file changed since",
     )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()

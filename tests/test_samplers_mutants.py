@@ -352,7 +352,7 @@ def test_single_steps_check_their_inputs_and_spend_no_extra_evaluation():
     pred = den(x, torch.full((4,), 50), cond)
     for given in ({"alpha_bar": 0.5}, {"noise": torch.zeros_like(x)}):
         with pytest.raises(
-            ValueError, match=r"a stochastic DDIM step \(eta > 0\) needs the current alpha_bar and the noise"
+            ValueError, match=r"^a stochastic DDIM step \(eta > 0\) needs the current alpha_bar and the noise$"
         ):
             ddim_step(pred, 0.8, eta=1.0, **given)
 
@@ -398,22 +398,30 @@ class Recording(ConditionalPoint):
         return super().predict(x_t, t, cond)
 
 
-def test_one_langevin_step_by_hand():
-    """x_ve = x_T / sqrt(ab), one step x + (eps_step / 2) score + sqrt(eps_step) z with the VE score
-    -(x - c) / sigma^2 and eps_step = step_size sigma^2, reported in VP coordinates."""
-    den, cond, x_T = point_problem()
+def test_one_langevin_step_per_level_by_hand():
+    """x_ve = x_T / sqrt(ab), one step per level x + (eps_step / 2) score + sqrt(eps_step) z with the
+    VE score -(x - c) / sigma^2 and eps_step = step_size sigma^2, reported in VP coordinates; the
+    final denoising evaluates the network at the last iterate, in VP coordinates."""
+    recording, cond, x_T = Recording(), point_problem()[1], point_problem()[2]
     ts = torch.tensor([80, 40])
     calls, callback = recorder()
-    annealed_langevin = SAMPLERS["langevin"]
-    annealed_langevin(den, x_T, ts, generator=torch.Generator().manual_seed(3), cond=cond, callback=callback,
-                      n_steps=1, step_size=0.3, denoise=False, progress=False)  # fmt: skip
+    x_start = x_T.clone()
+    SAMPLERS["langevin"](recording, x_T, ts, generator=torch.Generator().manual_seed(3), cond=cond,
+                         callback=callback, n_steps=1, step_size=0.3, progress=False)  # fmt: skip
     ab = SCHEDULE.alpha_bar_at(ts).tolist()
-    sigma = math.sqrt((1 - ab[0]) / ab[0])
-    z = torch.randn(x_T.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    x_ve = x_T / math.sqrt(ab[0])
-    x1 = x_ve - 0.5 * 0.3 * (x_ve - cond["c"]) + math.sqrt(0.3) * sigma * z
-    torch.testing.assert_close(calls[0][2], x1 * math.sqrt(ab[0]))
-    assert x_T.abs().sum() > 0 and not torch.equal(x_T, calls[0][2])  # x_T itself is left alone
+    g = torch.Generator().manual_seed(3)
+    x = x_T / math.sqrt(ab[0])
+    path = []
+    for a in ab:
+        sigma = math.sqrt((1 - a) / a)
+        z = torch.randn(x_T.shape, generator=g, dtype=torch.float64)
+        x = x - 0.5 * 0.3 * (x - cond["c"]) + math.sqrt(0.3) * sigma * z
+        path.append(x)
+    torch.testing.assert_close(calls[0][2], path[0] * math.sqrt(ab[0]))
+    torch.testing.assert_close(recording.inputs[1], path[0] * math.sqrt(ab[1]))
+    torch.testing.assert_close(recording.inputs[2], path[1] * math.sqrt(ab[1]))  # the final denoising
+    torch.testing.assert_close(calls[1][2], cond["c"])
+    assert torch.equal(x_T, x_start)  # x_T itself is left alone
 
 
 def test_langevin_defaults_and_checks():
@@ -499,6 +507,7 @@ def test_unipc_steps_integrate_polynomial_x0_exactly(history, corrector, degree)
     c_x, weights = step_coefficients(lv, s, history, corrector)
     h = lv.lam[s + 1] - lv.lam[s]
     assert c_x == pytest.approx(math.exp(-h), rel=1e-14)
+    assert step_coefficients(lv, 5, [4, 3], corrector) == (0.0, {5: 1.0})  # onto sigma = 0: x0_hat itself
     simplified = (corrector and not history) or (not corrector and len(history) == 1)
     for d in range(degree + 1):
         got = sum(w * (lv.lam[k] - lv.lam[s]) ** d for k, w in weights.items())
@@ -589,7 +598,7 @@ def test_unipc_plan_warms_up_and_lowers_its_order_at_the_end(monkeypatch):
 def test_small_solver_pivots():
     from difflab.samplers.unipc import solve_small
 
-    R = [[0.0, 2.0, 1.0], [1.0, 1.0, 0.0], [4.0, 0.5, 3.0]]  # a zero first pivot: needs row swaps
+    R = [[1.0, 2.0, 1.0], [3.0, 1.0, 0.0], [0.0, 0.5, 3.0]]  # the largest pivot is not the last row's
     b = [1.0, 2.0, 3.0]
     want = torch.linalg.solve(torch.tensor(R, dtype=torch.float64), torch.tensor(b, dtype=torch.float64))
     assert solve_small(R, b) == pytest.approx(want.tolist(), rel=1e-12)
