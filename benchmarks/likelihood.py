@@ -2,7 +2,7 @@
 
     python benchmarks/likelihood.py [--simple digits-ddpm] [--hybrid runs/digits-hybrid]
                                     [--vlb runs/digits-vlb] [--ncsn runs/digits-ncsn]
-                                    [--images 32] [--seeds 0 1 2] [--n 500] [--only NAME ...]
+                                    [--images 128] [--seeds 0 1 2] [--n 500] [--only NAME ...]
                                     [--merge RESULT ...]
 
 For each of the L_simple, L_hybrid and L_vlb models (configs/digits-ddpm.toml, digits-hybrid.toml,
@@ -19,8 +19,10 @@ network (the simple model's DDIM-50). A missing run is skipped and reported.
 
 Cost on one CPU thread (the digits U-Net, about 0.4 s per forward of 64): the bound is T = 1000
 forwards per batch and seed, the ODE (RK45 at rtol = atol = 1e-4: about 400 evaluations, each a
-forward and a backward) about the same; --tol 1e-5 doubles the evaluations and moved the
-simple model's value by 0.003 bits/dim on 8 digits. `--only NAME ...` measures those models
+forward and a backward) about the same: half an hour per model for 128 images and 3 seeds,
+plus sampling. 128 images keep the spread over seeds (dequantisation, probe, forward noise) of
+the ODE below 0.02 bits/dim; at 32 it was 0.05. --tol 1e-5 doubles the evaluations and moved
+the simple model's value by 0.003 bits/dim on 8 digits. `--only NAME ...` measures those models
 and keeps the others' rows from --out (same images, seeds, tolerance and n, else it refuses), so
 the models can run as parallel processes (`--only hybrid --out hybrid.json`, ...) whose results
 `--merge simple.json hybrid.json ...` then joins into one.
@@ -153,7 +155,7 @@ def main() -> None:
         metavar="RESULT",
         help="join the models of these results (same settings); measures nothing without --only",
     )
-    p.add_argument("--images", type=int, default=32, help="test digits to score (of 297)")
+    p.add_argument("--images", type=int, default=128, help="test digits to score (of 297)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--n", type=int, default=500, help="samples for digits FD")
     p.add_argument("--ddpm-steps", type=int, default=100, help="respaced ancestral steps for learned variances")
