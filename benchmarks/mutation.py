@@ -181,14 +181,12 @@ def run_mutmut(ws: Path, workers: int, only: list[str] | None = None) -> float:
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(workers)]
     if only is not None:
         done = subprocess.run(command + only, cwd=ws, env=env)
-        if done.returncode != 0:
-            raise SystemExit(f"mutmut run failed (exit {done.returncode}); see its output above")
-        return time.perf_counter() - start
-    done = subprocess.run(command, cwd=ws, env=env)
-    # "no tests" too: a test added since may reach the function now
-    alive = [n for r in read_results(ws).values() for n, s in r.items() if s in ("survived", "timeout", "no tests")]
-    if done.returncode == 0 and alive:
-        done = subprocess.run(command + alive, cwd=ws, env=env)
+    else:
+        done = subprocess.run(command, cwd=ws, env=env)
+        # "no tests" too: a test added since may reach the function now
+        alive = [n for r in read_results(ws).values() for n, s in r.items() if s in ("survived", "timeout", "no tests")]
+        if done.returncode == 0 and alive:
+            done = subprocess.run(command + alive, cwd=ws, env=env)
     if done.returncode != 0:
         raise SystemExit(f"mutmut run failed (exit {done.returncode}); see its output above")
     return time.perf_counter() - start
