@@ -92,6 +92,12 @@ def model_log_variance(
 
 
 # ---------------------------------------------------------------- predictions
+def _combine(x: Tensor, c_x: Tensor, y: Tensor, c_y: Tensor) -> Tensor:
+    """c_x x + c_y y with per-example (or scalar) coefficients: two passes over the data and
+    one new tensor, where the textbook expression takes three or four of each."""
+    return (x * broadcast(c_x, x)).addcmul_(y, broadcast(c_y, y))
+
+
 @dataclass
 class Prediction:
     """What a denoiser says about x_t: the clean data x0 and the noise eps (consistent with
@@ -105,14 +111,16 @@ class Prediction:
     def from_output(cls, kind: str, output: Tensor, x_t: Tensor, alpha_bar: Tensor, var_frac=None) -> Prediction:
         """Interpret a network output of parameterisation `kind` ('eps', 'x0' or 'v')."""
         check_prediction_type(kind)
-        a = broadcast(alpha_bar, x_t)
+        # coefficients on the (B,) levels, in their own (float64) precision; then each
+        # conversion is one multiply and one in-place addcmul over the images
+        a = torch.as_tensor(alpha_bar, device=x_t.device)
         s_a, s_1a = a.sqrt(), (1.0 - a).sqrt()
-        if kind == "eps":
-            return cls(x0=(x_t - s_1a * output) / s_a, eps=output, var_frac=var_frac)
-        if kind == "x0":
-            return cls(x0=output, eps=(x_t - s_a * output) / s_1a, var_frac=var_frac)
+        if kind == "eps":  # x0 = (x_t - sqrt(1-a) eps) / sqrt(a)
+            return cls(x0=_combine(x_t, 1.0 / s_a, output, -s_1a / s_a), eps=output, var_frac=var_frac)
+        if kind == "x0":  # eps = (x_t - sqrt(a) x0) / sqrt(1-a)
+            return cls(x0=output, eps=_combine(x_t, 1.0 / s_1a, output, -s_a / s_1a), var_frac=var_frac)
         # v: x0 = sqrt(a) x_t - sqrt(1-a) v,  eps = sqrt(1-a) x_t + sqrt(a) v
-        return cls(x0=s_a * x_t - s_1a * output, eps=s_1a * x_t + s_a * output, var_frac=var_frac)
+        return cls(x0=_combine(x_t, s_a, output, -s_1a), eps=_combine(x_t, s_1a, output, s_a), var_frac=var_frac)
 
     @classmethod
     def from_x0(cls, x0: Tensor, x_t: Tensor, alpha_bar: Tensor) -> Prediction:
