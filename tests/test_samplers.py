@@ -269,7 +269,7 @@ def test_dtype_and_given_x_T():
     assert x.dtype == torch.float64
     x_T = torch.randn(4, 2)
     a = sample(den, (4, 2), "ddim", steps=5, progress=False, x_T=x_T)
-    assert torch.equal(a, ddim(den, x_T, get_timesteps(den.schedule, 5), progress=False))
+    assert torch.equal(a, ddim(den, x_T, get_timesteps(den.schedule, 5, DEFAULT_SPACING["ddim"]), progress=False))
 
 
 def test_works_on_a_mixture_with_a_sample_shape():

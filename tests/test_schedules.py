@@ -12,6 +12,7 @@ from difflab.schedules import (
     cosine_alpha_bar,
     cosine_betas,
     geometric_sigmas,
+    is_shared,
     karras_sigmas,
     linear_betas,
     rescale_zero_terminal_snr,
@@ -407,3 +408,19 @@ def test_schedule_error_messages_name_the_allowed_values():
     for ts in ([], [-1, 3], [3, 20]):
         with pytest.raises(ValueError, match=r"non-empty indices in \[0, 19\]"):
             Schedule.make("linear", T=20).respace(ts)
+
+
+def test_broadcast_keeps_a_python_float_in_the_data_precision():
+    """A coefficient given as a python float must not pass through float32 on its way to
+    float64 data (it did once: DDIM's fused step lost 8 digits in float64)."""
+    like = torch.zeros(3, 2, dtype=torch.float64)
+    assert broadcast(0.1, like).item() == 0.1
+    assert broadcast(torch.tensor([0.1, 0.2], dtype=torch.float64), like).shape == (2, 1)
+
+
+def test_a_shared_level_is_looked_up_once_and_equals_the_per_example_lookup():
+    s = Schedule.make("cosine", T=1000)
+    for t in (torch.tensor(421), torch.tensor(421.25, dtype=torch.float64)):
+        shared, copied = s.alpha_bar_at(t.expand(4)), s.alpha_bar_at(t.repeat(4))
+        assert is_shared(shared) and not is_shared(copied)
+        assert torch.equal(shared, copied)

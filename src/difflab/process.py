@@ -7,12 +7,10 @@ score = -eps / sqrt(1 - a).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import Tensor
 
-from difflab.schedules import Schedule, broadcast
+from difflab.schedules import Schedule, broadcast, is_shared
 
 PREDICTION_TYPES = ("eps", "x0", "v")
 VARIANCE_TYPES = ("fixed_small", "fixed_large", "learned")
@@ -92,35 +90,67 @@ def model_log_variance(
 
 
 # ---------------------------------------------------------------- predictions
-def _combine(x: Tensor, c_x: Tensor, y: Tensor, c_y: Tensor) -> Tensor:
+def _combine(x: Tensor, c_x: Tensor | float, y: Tensor, c_y: Tensor | float) -> Tensor:
     """c_x x + c_y y with per-example (or scalar) coefficients: two passes over the data and
     one new tensor, where the textbook expression takes three or four of each."""
     return (x * broadcast(c_x, x)).addcmul_(y, broadcast(c_y, y))
 
 
-@dataclass
 class Prediction:
     """What a denoiser says about x_t: the clean data x0 and the noise eps (consistent with
-    each other given x_t), plus the learned-variance interpolation `var_frac` in [0, 1]."""
+    each other given x_t), plus the learned-variance interpolation `var_frac` in [0, 1].
 
-    x0: Tensor
-    eps: Tensor
-    var_frac: Tensor | None = None
+    Made from a network output (`from_output`), x0 and eps are both linear in (x_t, output)
+    and each is computed only when first read; `combine` gives c_x0 x0 + c_eps eps straight
+    from (x_t, output) in two passes, which is all a DDIM step needs."""
+
+    def __init__(self, x0: Tensor, eps: Tensor, var_frac: Tensor | None = None):
+        self._x0, self._eps, self.var_frac = x0, eps, var_frac
+        self._linear = None  # (x_t, output, (a_x0, b_x0), (a_eps, b_eps)) where made from an output
+
+    @property
+    def x0(self) -> Tensor:
+        if self._x0 is None:
+            x_t, out, (a, b), _ = self._linear
+            self._x0 = _combine(x_t, a, out, b)
+        return self._x0
+
+    @property
+    def eps(self) -> Tensor:
+        if self._eps is None:
+            x_t, out, _, (a, b) = self._linear
+            self._eps = _combine(x_t, a, out, b)
+        return self._eps
+
+    def combine(self, c_x0: float | Tensor, c_eps: float | Tensor) -> Tensor:
+        """c_x0 x0 + c_eps eps as a new tensor (coefficients scalar or per example)."""
+        if self._linear is None or (self._x0 is not None and self._eps is not None):
+            return _combine(self.x0, c_x0, self.eps, c_eps)
+        x_t, out, (a0, b0), (a1, b1) = self._linear
+        return _combine(x_t, c_x0 * a0 + c_eps * a1, out, c_x0 * b0 + c_eps * b1)
+
+    def __repr__(self) -> str:
+        return f"Prediction(x0={self.x0!r}, eps={self.eps!r}, var_frac={self.var_frac!r})"
 
     @classmethod
     def from_output(cls, kind: str, output: Tensor, x_t: Tensor, alpha_bar: Tensor, var_frac=None) -> Prediction:
         """Interpret a network output of parameterisation `kind` ('eps', 'x0' or 'v')."""
         check_prediction_type(kind)
-        # coefficients on the (B,) levels, in their own (float64) precision; then each
-        # conversion is one multiply and one in-place addcmul over the images
+        # coefficients on the (B,) levels (once, where the batch shares one), in their own
+        # (float64) precision: x0 = a_x0 x_t + b_x0 output, eps = a_eps x_t + b_eps output
         a = torch.as_tensor(alpha_bar, device=x_t.device)
+        a = a[:1] if is_shared(a) else a
         s_a, s_1a = a.sqrt(), (1.0 - a).sqrt()
+        zero, one = torch.zeros_like(a), torch.ones_like(a)
         if kind == "eps":  # x0 = (x_t - sqrt(1-a) eps) / sqrt(a)
-            return cls(x0=_combine(x_t, 1.0 / s_a, output, -s_1a / s_a), eps=output, var_frac=var_frac)
-        if kind == "x0":  # eps = (x_t - sqrt(a) x0) / sqrt(1-a)
-            return cls(x0=output, eps=_combine(x_t, 1.0 / s_1a, output, -s_a / s_1a), var_frac=var_frac)
-        # v: x0 = sqrt(a) x_t - sqrt(1-a) v,  eps = sqrt(1-a) x_t + sqrt(a) v
-        return cls(x0=_combine(x_t, s_a, output, -s_1a), eps=_combine(x_t, s_1a, output, s_a), var_frac=var_frac)
+            x0_coefs, eps_coefs, known = (1.0 / s_a, -s_1a / s_a), (zero, one), {"eps": output}
+        elif kind == "x0":  # eps = (x_t - sqrt(a) x0) / sqrt(1-a)
+            x0_coefs, eps_coefs, known = (zero, one), (1.0 / s_1a, -s_a / s_1a), {"x0": output}
+        else:  # v: x0 = sqrt(a) x_t - sqrt(1-a) v,  eps = sqrt(1-a) x_t + sqrt(a) v
+            x0_coefs, eps_coefs, known = (s_a, -s_1a), (s_1a, s_a), {}
+        pred = cls(known.get("x0"), known.get("eps"), var_frac)
+        pred._linear = (x_t, output, x0_coefs, eps_coefs)
+        return pred
 
     @classmethod
     def from_x0(cls, x0: Tensor, x_t: Tensor, alpha_bar: Tensor) -> Prediction:

@@ -295,6 +295,8 @@ class Schedule:
         points, which is monotone, exact at the grid and invertible by `sigma_to_t`.
         """
         t = torch.as_tensor(t)
+        if is_shared(t):  # a sampler's one level for the whole batch: look it up once
+            return self.alpha_bar_at(t[:1]).expand(t.shape[0])
         if not t.is_floating_point():
             if (t < -1).any() or (t > self.T - 1).any():
                 raise ValueError(f"timestep index must lie in [-1, {self.T - 1}], got {t.tolist()}")
@@ -348,9 +350,15 @@ class Schedule:
         return torch.log(self.alpha_bar) - torch.log1p(-self.alpha_bar)
 
 
+def is_shared(levels: Tensor) -> bool:
+    """Whether a (B,) tensor is one value expanded over the batch (stride 0, as samplers pass
+    their timestep): per-example arithmetic on it can then be done once."""
+    return levels.ndim == 1 and levels.shape[0] > 1 and levels.stride(0) == 0
+
+
 def broadcast(coef: Tensor, like: Tensor) -> Tensor:
     """Per-example coefficients (B,) or scalar, in `like`'s dtype, shaped to broadcast over it."""
-    coef = torch.as_tensor(coef).to(device=like.device, dtype=like.dtype)
+    coef = torch.as_tensor(coef, dtype=like.dtype, device=like.device)  # a python float straight to like's dtype
     if coef.ndim == 0:
         return coef
     return coef.reshape(-1, *([1] * (like.ndim - 1)))

@@ -48,9 +48,9 @@ def ddim(
         pred = loop.denoise(x, i)
         if i == last:  # a' = 1: exactly x0_hat
             x = pred.x0
-        else:  # `steps.ddim_step`, fused: one new tensor, updated in place
+        else:  # `steps.ddim_step`, fused: straight from the network output, one new tensor
             c_x0, c_eps, c_noise = coefs[i]
-            x = torch.mul(pred.x0, c_x0).add_(pred.eps, alpha=c_eps)
+            x = pred.combine(c_x0, c_eps)
             if eta > 0.0:
                 x.add_(loop.noise(x), alpha=c_noise)
         loop.report(i, x, pred)
