@@ -9,7 +9,9 @@ Measures images/s for (a) a training step = forward + MSE backward + AdamW step 
   library leaves memory layout, once with both models and inputs in channels_last;
 * DiT-S/4 on 32x32x3 inputs;
 * the U-Net in channels_last, and torch.compile'd forwards (each compile runs in a
-  subprocess with a time limit; a failure or timeout is recorded, not raised).
+  subprocess with a time limit; a failure or timeout is recorded, not raised);
+* bf16 autocast (where the CPU has bf16 instructions): our U-Net under autocast against
+  diffusers at its default fp32, and both under autocast, with the relative error bf16 costs.
 
 Usage: ``python benchmarks/nets.py [--quick] [--out benchmarks/results/nets.json]``.
 Reported numbers are medians over timed steps after warm-up steps.
@@ -245,6 +247,44 @@ def compare_with_diffusers(
     return timings, ratios
 
 
+def bf16_call(call):
+    """`call` under CPU bf16 autocast, its output back in fp32 (the sampler's precision)."""
+
+    def run(x, t):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call(x, t).float()
+
+    return run
+
+
+def measure_bf16(batch: int, size: int, warmup: int, repeats: int) -> dict:
+    """Ours under bf16 autocast vs diffusers in fp32 (each library's fastest stock CPU path:
+    difflab's `train.precision = "bf16"` / `--dtype bf16`), and both under autocast."""
+    if not diffusers_version():
+        return {"error": "diffusers not importable; comparison skipped"}
+    (ours, call), (theirs, their_call) = build("unet"), build("diffusers_unet")
+    out = {"meaning": "ours / diffusers throughput (> 1: ours is faster)"}
+    for label, their_fn in (("ours_bf16_vs_diffusers_fp32", their_call), ("both_bf16", bf16_call(their_call))):
+        out[label] = {}
+        for kind, maker in (("train", train_step), ("sample", sample_step)):
+            steps = {
+                "unet": maker(ours, bf16_call(call), batch, size),
+                "diffusers_unet": maker(theirs, their_fn, batch, size),
+            }
+            times = time_interleaved(steps, warmup + (kind == "train"), repeats)
+            out[label][kind] = speedup(times["diffusers_unet"], times["unet"])
+    # what bf16 costs: the output of a U-Net with random (not zero-initialised) output weights
+    torch.manual_seed(1)
+    for p in ours.parameters():
+        if not p.detach().abs().sum():
+            p.data.normal_(0.0, 0.02)
+    x, t, _ = make_batch(4, size)
+    with torch.no_grad():
+        ref, low = call(x, t), bf16_call(call)(x, t)
+    out["bf16_relative_rms_error"] = ((low - ref).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt()).item()
+    return out
+
+
 def measure_dit(results: dict, batch: int, size: int, warmup: int, repeats: int) -> None:
     dit, call = build("dit")
     entry = {"preset": DIT_NAME, "overrides": DIT_OVERRIDES, "parameters": count_parameters(dit)}
@@ -340,6 +380,8 @@ def main() -> None:
     budget.log("U-Net vs diffusers UNet2DModel, both channels_last")
     timings, ratios = compare_with_diffusers(batch, size, warmup, repeats, channels_last=True)
     results["unet_vs_diffusers_both_channels_last"] = {"ratios": ratios, "timings": timings}
+    budget.log("bf16 autocast: U-Net vs diffusers")
+    results["unet_bf16_autocast"] = measure_bf16(batch, size, warmup, compare_repeats)
     budget.log(DIT_NAME)
     measure_dit(results, batch, size, warmup, repeats)
     budget.log("U-Net channels_last")
@@ -358,6 +400,7 @@ def main() -> None:
     summary_view = {
         "unet_vs_diffusers": results["unet_vs_diffusers"],
         "unet_vs_diffusers_both_channels_last": ratios,
+        "unet_bf16_autocast": results["unet_bf16_autocast"],
         "total_seconds": results["total_seconds"],
     }
     print(json.dumps(summary_view, indent=2))

@@ -45,7 +45,7 @@ from torch import nn
 from difflab.denoiser import Denoiser, DenoiserWrapper, MixtureDenoiser, NetworkDenoiser
 from difflab.mixture import GaussianMixture
 from difflab.process import Prediction
-from difflab.samplers import DEFAULT_SPACING, SAMPLERS, get_timesteps, sample
+from difflab.samplers import SAMPLERS, default_spacing, get_timesteps, sample
 from difflab.schedules import Schedule
 
 RESULTS = Path(__file__).parent / "results"
@@ -230,7 +230,7 @@ def quality(mixture: GaussianMixture, n: int, nfes, n_ref: int, n_dirs: int, n_f
                 return y, counting.nfe
 
             row = measure(run, nfe, name)
-            rows.append({**row, "steps": steps, "options": options, "spacing": DEFAULT_SPACING[name]})
+            rows.append({**row, "steps": steps, "options": options, "spacing": default_spacing(name, schedule)})
         out["samplers"][name] = rows
         if name not in DIFFUSERS:
             continue
@@ -297,7 +297,7 @@ def overhead(batches, steps: int, repeats: int, log) -> dict:
         per_call = _best_time(repeats, _calls, den, x_T, t, steps) / steps
         row = {"denoiser_us_per_call": 1e6 * per_call}
         for name, fn in SAMPLERS.items():
-            ts = get_timesteps(schedule, steps, DEFAULT_SPACING[name])
+            ts = get_timesteps(schedule, steps, default_spacing(name, schedule))
             options = {"n_steps": 1} if name == "langevin" else {}
             den.nfe = 0
             fn(den, x_T, ts, progress=False, generator=torch.Generator().manual_seed(0), **options)

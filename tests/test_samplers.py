@@ -10,7 +10,19 @@ import torch
 
 from difflab.denoiser import MixtureDenoiser
 from difflab.mixture import GaussianMixture
-from difflab.samplers import DEFAULT_SPACING, SAMPLERS, ddim, ddim_invert, ddpm, get_timesteps, sample, slerp
+from difflab.samplers import (
+    DEFAULT_SPACING,
+    SAMPLERS,
+    ddim,
+    ddim_invert,
+    ddpm,
+    default_spacing,
+    get_timesteps,
+    sample,
+    sampling_plan,
+    slerp,
+)
+from difflab.schedules import Schedule
 from test_samplers_support import (
     MIXTURE,
     SCHEDULES,
@@ -243,7 +255,7 @@ def test_callback_sees_every_step_in_vp_coordinates():
         progress=False,
         callback=lambda i, t, x, p: seen.append((i, t, x.clone(), p.x0.clone())),
     )
-    ts = get_timesteps(den.schedule, 6, DEFAULT_SPACING["euler"]).tolist()
+    ts = get_timesteps(den.schedule, 6, default_spacing("euler", den.schedule)).tolist()
     assert [s[0] for s in seen] == list(range(6)) and [s[1] for s in seen] == ts
     assert torch.equal(seen[-1][2], x) and torch.equal(seen[-1][3], x)
     # intermediate states are VP: at level t the spread is ~ sqrt(ab var + 1 - ab) ~ 1, not sigma
@@ -318,3 +330,15 @@ def test_sample_validates_its_arguments():
         ddim(den, torch.zeros(2, 2), torch.tensor([3, 5, 1]), progress=False)
     with pytest.raises(ValueError, match=r"lie in \[0, 99\]"):
         ddim(den, torch.zeros(2, 2), torch.tensor([100, 5]), progress=False)
+
+
+def test_default_spacing_follows_the_top_of_the_schedule():
+    """Euler and DPM-Solver++(2M) step uniformly from a moderate sigma_max (linear, ~157) but
+    come down gradually from an extreme one (cosine, ~2e4); the others do not depend on it."""
+    linear, cosine = Schedule.make("linear", T=1000), Schedule.make("cosine", T=1000)
+    assert default_spacing("euler", linear) == default_spacing("dpmpp_2m", linear) == "trailing"
+    assert default_spacing("euler", cosine) == "karras" and default_spacing("dpmpp_2m", cosine) == "geometric"
+    for name in ("ddim", "heun", "unipc"):
+        assert default_spacing(name, linear) == default_spacing(name, cosine) == DEFAULT_SPACING[name]
+    _, ts, _ = sampling_plan(cosine, "euler", 8)
+    torch.testing.assert_close(ts, get_timesteps(cosine, 8, "karras"))

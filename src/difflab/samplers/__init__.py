@@ -45,28 +45,40 @@ SAMPLERS = {
 # Measured on the mixture oracle against diffusers' counterparts (benchmarks/samplers.py):
 # samplers whose last step lands on x0_hat do best at few steps when the last listed level is
 # one stride above t = 0 ("trailing", as diffusers' multistep solvers space their steps): an
-# evaluation at sigma_min ~ 0.01 is nearly wasted. Euler and DPM-Solver++(2M) keep the ladders
-# that come down from sigma_max gradually (karras, geometric): a uniform-in-t ladder jumps from
-# sigma_max (~2e4 on cosine) to a few units in one step, which multiplies a trained eps-model's
-# error at t = T - 1 by ~1,500 (unclipped vectors blow up).
-# Heun: uniform in t, as diffusers does, with its stiff-step guard (`heun`). DDIM/DDPM: "trailing"
-# (at 5 steps 5.7x / 7.2x the 2-D floor where "linspace" gave 7.8x / 9.2x); diffusers' default
-# "leading" is as good on this linear schedule but never starts from pure noise, which breaks
-# zero-terminal-SNR schedules (Lin et al. 2023; benchmarks/spacing.py). Ancestral chains need
-# integer steps.
+# evaluation at sigma_min ~ 0.01 is nearly wasted. Heun: uniform in t, as diffusers does, with
+# its stiff-step guard (`heun`). DDIM/DDPM: "trailing" (at 5 steps 5.7x / 7.2x the 2-D floor
+# where "linspace" gave 7.8x / 9.2x); diffusers' default "leading" is as good on this linear
+# schedule but never starts from pure noise, which breaks zero-terminal-SNR schedules (Lin et
+# al. 2023; benchmarks/spacing.py). Ancestral chains need integer steps.
 DEFAULT_SPACING = {  # measured on the mixture oracle against diffusers (benchmarks/samplers.py)
     "ddpm": "trailing",
     "ddim": "trailing",
     "pc": "linspace",
-    "euler": "karras",
+    "euler": "trailing",
     "heun": "linspace",  # with Karras's ladder it collapsed at low NFE on VP (see samplers/ode.py)
-    "dpmpp_2m": "geometric",
+    "dpmpp_2m": "trailing",
     "euler_a": "trailing",
     "dpmpp_2m_sde": "trailing",
     "unipc": "trailing",
     "langevin": "geometric",
     "consistency": "trailing",  # the first level is T - 1: pure noise, as one-step generation needs
 }
+
+# Euler and DPM-Solver++(2M) on a schedule whose top noise level is extreme (cosine: sigma_max
+# ~2e4, against ~157 for linear) take the ladders that come down from it gradually: a uniform
+# ladder jumps from there to a few units in one step, which multiplies a trained eps-model's
+# error at t = T - 1 by thousands (unclipped vectors blow up). On moderate tops "trailing" is
+# the better ladder (at 5 NFE on the 2-D oracle 5.7x the floor against Karras's 9.9x).
+STEEP_TOP_SPACING = {"euler": "karras", "dpmpp_2m": "geometric"}
+STEEP_SIGMA_MAX = 1e3
+
+
+def default_spacing(sampler: str, schedule: Schedule) -> str:
+    """The spacing `sample` uses for `sampler` on `schedule` when none is given."""
+    if sampler in STEEP_TOP_SPACING and schedule.sigma_at(schedule.T - 1).item() > STEEP_SIGMA_MAX:
+        return STEEP_TOP_SPACING[sampler]
+    return DEFAULT_SPACING[sampler]
+
 
 # Names users know from other libraries -> (sampler, spacing it implies; None = the default)
 SAMPLER_ALIASES = {
@@ -102,6 +114,7 @@ def resolve_sampler(name: str, spacing: str | None = None) -> tuple[str, str | N
 __all__ = [
     "SAMPLER_ALIASES",
     "DEFAULT_SPACING",
+    "STEEP_TOP_SPACING",
     "ETA_SAMPLERS",
     "SAMPLERS",
     "SPACINGS",
@@ -112,6 +125,7 @@ __all__ = [
     "ddim",
     "ddim_invert",
     "ddpm",
+    "default_spacing",
     "dpmpp_2m",
     "dpmpp_2m_sde",
     "euler",
@@ -150,7 +164,7 @@ def sample(
 ) -> Tensor:
     """Draw `shape[0]` samples with the named sampler (one of `SAMPLERS`).
 
-    `spacing` (default per sampler, `DEFAULT_SPACING`) is one of `SPACINGS` or an
+    `spacing` (default per sampler and schedule, `default_spacing`) is one of `SPACINGS` or an
     improved-diffusion respacing string ("ddim25", "10,15,20"), which fixes the number of steps
     itself (then pass steps=None or the same count). `eta` is the noise share of ddim (default
     0), euler_a and dpmpp_2m_sde (default 1): `ETA_SAMPLERS`. `generator` is a torch.Generator
@@ -194,7 +208,7 @@ def sampling_plan(
                 f"eta applies only to sampler 'ddim' and the stochastic samplers {', '.join(ETA_SAMPLERS[1:])}, "
                 f"got eta={eta} with sampler {sampler!r}"
             )
-    spacing = DEFAULT_SPACING[sampler] if spacing is None else spacing
+    spacing = default_spacing(sampler, schedule) if spacing is None else spacing
     if steps is None and not (isinstance(spacing, str) and is_respacing_string(spacing)):
         raise ValueError(f"steps=None is allowed only with a respacing string, not with spacing {spacing!r}")
     check_options(sampler, options)
