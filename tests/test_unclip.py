@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -337,6 +338,12 @@ def test_unclip_folder_generates_variations_interpolations_and_text_diffs(tmp_pa
     Image.fromarray(((image.permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy()).save(png)
     for extra in (["--prompt", "a red circle"], ["--variations", str(png)]):
         out = tmp_path / f"out{len(extra[1])}"
-        assert main(["sample", str(folder), "--n", "2", "--steps", "2", "--out", str(out), *extra]) == 0
-        assert (out / "samples.png").is_file()
+        assert main(["sample", str(folder), "--n", "2", "--steps", "2", "--save-each", "--out", str(out), *extra]) == 0
+        assert (out / "samples.png").is_file() and sorted(p.name for p in (out / "images").iterdir()) == [
+            "00000.png",
+            "00001.png",
+        ]
+        with np.load(out / "samples.npz") as saved:
+            assert saved["images_uint8"].shape == (2, 3, 16, 16)
+            assert ("prompts" in saved) == (extra[0] == "--prompt")
     assert main(["sample", str(folder), "--n", "2", "--out", str(tmp_path / "x")]) == 2  # neither given

@@ -117,12 +117,8 @@ def _grid_labels(pipe, n: int, label: int | None, prompts: list[str] | None) -> 
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-
-    from difflab.data.images import save_grid, to_uint8_images
     from difflab.pipelines.cascade import CascadePipeline
     from difflab.pipelines.unclip import is_unclip
-    from difflab.viz import save_labelled_grid, save_samples
 
     out = _output_dir(args.out)
     if is_unclip(args.model):
@@ -142,30 +138,42 @@ def cmd_sample(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     x = pipe.generate(args.n, seed=args.seed, batch_size=args.batch_size, progress=True, **options)
     seconds = time.perf_counter() - started
+    labels = _grid_labels(pipe, args.n, args.label, prompts) if x.ndim == 4 else None
+    label_kind = "labels" if pipe.conditioning == "class" else "prompts"
+    wrote = _write_samples(args, out, x, labels, label_kind)
+    settings = pipe.settings(args.sampler, args.steps, args.spacing, args.eta)
+    print(f"wrote {wrote} ({args.n} samples in {seconds:.1f} s, {settings})")
+    return 0
+
+
+def _write_samples(args: argparse.Namespace, out: Path, x, labels: list | None, label_kind: str) -> str:
+    """samples.png (labelled grid), samples.npz (float samples, uint8 images, labels or prompts)
+    and, with --save-each, one PNG per image; returns what was written, for the message."""
+    import numpy as np
+
+    from difflab.data.images import save_grid, to_uint8_images
+    from difflab.viz import save_labelled_grid, save_samples
+
     arrays = {"samples": x.numpy()}
     if x.ndim == 4:
-        labels = _grid_labels(pipe, args.n, args.label, prompts)
         save_labelled_grid(x, out / "samples.png", labels, nrow=args.nrow)
         arrays["images_uint8"] = to_uint8_images(x).numpy()
         if labels is not None:
-            arrays["labels" if pipe.conditioning == "class" else "prompts"] = np.array(labels)
+            arrays[label_kind] = np.array(labels)
         if args.save_each:
             for i, image in enumerate(x):
                 save_grid(image, out / "images" / f"{i:05d}.png", padding=0)
     else:
         save_samples(x, out / "samples.png")
     np.savez_compressed(out / "samples.npz", **arrays)
-    each = f" and {args.n} PNGs in {out / 'images'}" if args.save_each and x.ndim == 4 else ""
-    settings = pipe.settings(args.sampler, args.steps, args.spacing, args.eta)
-    print(f"wrote {out / 'samples.png'}, {out / 'samples.npz'}{each} ({args.n} samples in {seconds:.1f} s, {settings})")
-    return 0
+    each = f" and {len(x)} PNGs in {out / 'images'}" if args.save_each and x.ndim == 4 else ""
+    return f"{out / 'samples.png'}, {out / 'samples.npz'}{each}"
 
 
 def _sample_unclip(args: argparse.Namespace, out: Path) -> int:
     """An unCLIP model: text -> prior -> decoder (--prompt), or variations of an image (--variations)."""
     from difflab.devices import pick_device
     from difflab.pipelines.unclip import UnCLIPPipeline
-    from difflab.viz import save_labelled_grid
 
     if (args.prompt is None) == (args.variations is None):
         raise ValueError("an unCLIP model needs exactly one of --prompt (text -> image) or --variations IMAGE.png")
@@ -177,8 +185,7 @@ def _sample_unclip(args: argparse.Namespace, out: Path) -> int:
     else:
         labels = [args.prompt[i % len(args.prompt)] for i in range(args.n)]
         x = pipe.generate(args.n, prompt=labels, **options)
-    save_labelled_grid(x, out / "samples.png", labels, nrow=args.nrow)
-    print(f"wrote {out / 'samples.png'} ({args.n} unCLIP samples)")
+    print(f"wrote {_write_samples(args, out, x, labels, 'prompts')} ({args.n} unCLIP samples)")
     return 0
 
 
