@@ -136,3 +136,20 @@ def test_bad_inputs_name_what_is_allowed(sched):
         check_data(torch.tensor([0.0, float("nan")]))
     with pytest.raises(ValueError, match="needs the network's variance output"):
         model_log_variance(sched, torch.tensor([1]), "learned", torch.zeros(1))
+
+
+@pytest.mark.parametrize("kind", ["eps", "x0", "v"])
+def test_a_lazy_prediction_combines_like_its_parts_and_refuses_a_changed_x_t(kind):
+    """x0 and eps are computed on first read; `combine` goes straight from (x_t, output) and
+    must equal c_x0 x0 + c_eps eps; a read after x_t changed in place is refused, not wrong."""
+    g = torch.Generator().manual_seed(0)
+    x_t, out = torch.randn(3, 4, generator=g, dtype=torch.float64), torch.randn(3, 4, generator=g, dtype=torch.float64)
+    a = torch.tensor([0.2, 0.5, 0.9], dtype=torch.float64)
+    c_x0, c_eps = torch.tensor([0.3, -1.0, 2.0], dtype=torch.float64), 0.7
+    fused = Prediction.from_output(kind, out, x_t, a).combine(c_x0, c_eps)
+    pred = Prediction.from_output(kind, out, x_t, a)
+    torch.testing.assert_close(fused, c_x0[:, None] * pred.x0 + c_eps * pred.eps, rtol=1e-12, atol=1e-12)
+    lazy = Prediction.from_output(kind, out, x_t, a)
+    x_t.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified in place before the prediction was read"):
+        lazy.combine(1.0, 1.0)

@@ -106,19 +106,19 @@ class Prediction:
 
     def __init__(self, x0: Tensor, eps: Tensor, var_frac: Tensor | None = None):
         self._x0, self._eps, self.var_frac = x0, eps, var_frac
-        self._linear = None  # (x_t, output, (a_x0, b_x0), (a_eps, b_eps)) where made from an output
+        self._linear = None  # (x_t, output, (a_x0, b_x0), (a_eps, b_eps), their versions) if from an output
 
     @property
     def x0(self) -> Tensor:
         if self._x0 is None:
-            x_t, out, (a, b), _ = self._linear
+            x_t, out, (a, b), _ = self._sources()
             self._x0 = _combine(x_t, a, out, b)
         return self._x0
 
     @property
     def eps(self) -> Tensor:
         if self._eps is None:
-            x_t, out, _, (a, b) = self._linear
+            x_t, out, _, (a, b) = self._sources()
             self._eps = _combine(x_t, a, out, b)
         return self._eps
 
@@ -126,8 +126,16 @@ class Prediction:
         """c_x0 x0 + c_eps eps as a new tensor (coefficients scalar or per example)."""
         if self._linear is None or (self._x0 is not None and self._eps is not None):
             return _combine(self.x0, c_x0, self.eps, c_eps)
-        x_t, out, (a0, b0), (a1, b1) = self._linear
+        x_t, out, (a0, b0), (a1, b1) = self._sources()
         return _combine(x_t, c_x0 * a0 + c_eps * a1, out, c_x0 * b0 + c_eps * b1)
+
+    def _sources(self) -> tuple:
+        """(x_t, output, x0 coefficients, eps coefficients), refused if x_t or the output was
+        changed in place since (a lazily read x0 would silently be of another x_t)."""
+        *linear, versions = self._linear
+        if (linear[0]._version, linear[1]._version) != versions:
+            raise RuntimeError("x_t or the network output was modified in place before the prediction was read")
+        return tuple(linear)
 
     def __repr__(self) -> str:
         return f"Prediction(x0={self.x0!r}, eps={self.eps!r}, var_frac={self.var_frac!r})"
@@ -149,7 +157,7 @@ class Prediction:
         else:  # v: x0 = sqrt(a) x_t - sqrt(1-a) v,  eps = sqrt(1-a) x_t + sqrt(a) v
             x0_coefs, eps_coefs, known = (s_a, -s_1a), (s_1a, s_a), {}
         pred = cls(known.get("x0"), known.get("eps"), var_frac)
-        pred._linear = (x_t, output, x0_coefs, eps_coefs)
+        pred._linear = (x_t, output, x0_coefs, eps_coefs, (x_t._version, output._version))
         return pred
 
     @classmethod
