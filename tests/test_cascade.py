@@ -152,7 +152,7 @@ def test_truncated_conditioning_equals_running_the_base_chain_to_step_s():
     def explicit_chain(stop: int) -> torch.Tensor:  # DDIM (eta 0) by hand, from the same x_T
         gens = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, n)]
         x = torch.stack([torch.randn((1, 1, 1), generator=g) for g in gens]).double()
-        ts = [t for t in get_timesteps(BASE_SCHEDULE, steps, "trailing").tolist() if t > stop] + [stop]
+        ts = [t for t in get_timesteps(BASE_SCHEDULE, steps, "linspace").tolist() if t > stop] + [stop]
         for t, t_next in zip(ts[:-1], ts[1:]):
             a, a_next = BASE_SCHEDULE.alpha_bar_at(t).item(), BASE_SCHEDULE.alpha_bar_at(t_next).item()
             x0 = MIX.posterior_mean(x.reshape(n, 1), torch.tensor(a)).reshape(x.shape)
