@@ -72,12 +72,12 @@ def main() -> None:
         "goal": "DDIM-50: confident_share >= 0.95, digits_fd <= 1.1 floor_fd_same_count, max_class_deviation_pp <= 2",
         "samplers": {},
     }
+    suffix = f"-{args.dtype}" if args.dtype else ""  # grids of another precision beside, not over, fp32's
     for sampler, steps, n in settings:
         metrics, samples = evaluate_digits(denoiser, sampler, steps, n=args.n or n, seed=args.seed)
         metrics["nfe"] = steps
         result["samplers"][f"{sampler}-{steps}"] = metrics
         print(format_metrics(metrics), flush=True)
-        suffix = f"-{args.dtype}" if args.dtype else ""
         save_grid(samples[:100], args.out.parent / f"digits-{sampler}-{steps}{suffix}.png", nrow=10)
     ddim50 = result["samplers"]["ddim-50"]
     result["goal_met"] = (

@@ -104,7 +104,7 @@ class Prediction:
     and each is computed only when first read; `combine` gives c_x0 x0 + c_eps eps straight
     from (x_t, output) in two passes, which is all a DDIM step needs."""
 
-    def __init__(self, x0: Tensor, eps: Tensor, var_frac: Tensor | None = None):
+    def __init__(self, x0: Tensor | None, eps: Tensor | None, var_frac: Tensor | None = None):
         self._x0, self._eps, self.var_frac = x0, eps, var_frac
         self._linear = None  # (x_t, output, (a_x0, b_x0), (a_eps, b_eps), their versions) if from an output
 
@@ -149,15 +149,13 @@ class Prediction:
         a = torch.as_tensor(alpha_bar, device=x_t.device)
         a = a[:1] if is_shared(a) else a
         s_a, s_1a = a.sqrt(), (1.0 - a).sqrt()
-        zero, one = torch.zeros_like(a), torch.ones_like(a)
         if kind == "eps":  # x0 = (x_t - sqrt(1-a) eps) / sqrt(a)
-            x0_coefs, eps_coefs, known = (1.0 / s_a, -s_1a / s_a), (zero, one), {"eps": output}
+            pred, coefs = cls(None, output, var_frac), ((1.0 / s_a, -s_1a / s_a), (0.0, 1.0))
         elif kind == "x0":  # eps = (x_t - sqrt(a) x0) / sqrt(1-a)
-            x0_coefs, eps_coefs, known = (zero, one), (1.0 / s_1a, -s_a / s_1a), {"x0": output}
+            pred, coefs = cls(output, None, var_frac), ((0.0, 1.0), (1.0 / s_1a, -s_a / s_1a))
         else:  # v: x0 = sqrt(a) x_t - sqrt(1-a) v,  eps = sqrt(1-a) x_t + sqrt(a) v
-            x0_coefs, eps_coefs, known = (s_a, -s_1a), (s_1a, s_a), {}
-        pred = cls(known.get("x0"), known.get("eps"), var_frac)
-        pred._linear = (x_t, output, x0_coefs, eps_coefs, (x_t._version, output._version))
+            pred, coefs = cls(None, None, var_frac), ((s_a, -s_1a), (s_1a, s_a))
+        pred._linear = (x_t, output, *coefs, (x_t._version, output._version))
         return pred
 
     @classmethod
