@@ -7,6 +7,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -183,6 +184,7 @@ def test_encoded_prompts_follow_the_networks_device():
     assert cond["context"].device.type == "meta" and cond["context_mask"].device.type == "meta"
 
 
+@pytest.mark.filterwarnings("ignore:this CPU has no native")  # slow there, still correct
 def test_half_precision_sampling_stays_close_to_float32():
     pipe = Pipeline.from_pretrained("digits-ddpm", device="cpu")
     full = pipe.generate(4, steps=8)
@@ -193,6 +195,21 @@ def test_half_precision_sampling_stays_close_to_float32():
     assert (half - full).abs().mean() < 0.05
     with pytest.raises(ValueError, match="unknown dtype 'int8'"):
         pipe.to(dtype="int8")
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_is_kept_with_a_warning(monkeypatch):
+    slow = "no native bfloat16 instructions: sampling in bfloat16 would run ~60x slower"
+    monkeypatch.setattr("difflab.devices.cpu_lacks_fast", lambda dtype: dtype == torch.bfloat16)
+    with pytest.warns(UserWarning, match=slow):
+        Pipeline.from_pretrained("digits-ddpm", device="cpu", dtype="bf16")
+    pipe = Pipeline.from_pretrained("digits-ddpm", device="cpu")
+    with pytest.warns(UserWarning, match=slow):
+        pipe.to(dtype="bf16")
+    assert pipe.dtype == torch.bfloat16  # asked for explicitly: kept
+    monkeypatch.setattr("difflab.devices.cpu_lacks_fast", lambda dtype: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a CPU with the instructions: no warning
+        Pipeline.from_pretrained("digits-ddpm", device="cpu", dtype="bf16").to(dtype="bf16")
 
 
 def test_sampler_aliases_name_a_sampler_and_its_spacing():

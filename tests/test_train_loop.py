@@ -129,7 +129,8 @@ def test_warmup_and_gradient_clipping(tmp_path):
     assert lrs == pytest.approx([0.0025, 0.005, 0.0075, 0.01, 0.01, 0.01])
 
 
-def test_bf16_autocast_trains_with_float32_weights(tmp_path):
+def test_bf16_autocast_trains_with_float32_weights(tmp_path, monkeypatch):
+    monkeypatch.setattr("difflab.devices.cpu_lacks_fast", lambda dtype: False)  # as on a CPU with bf16
     fp32 = read_log(run(tiny_config(train={"steps": 2}), tmp_path / "fp32"))
     bf16_dir = run(tiny_config(train={"steps": 2, "precision": "bf16"}), tmp_path / "bf16")
     bf16 = read_log(bf16_dir)
@@ -138,6 +139,15 @@ def test_bf16_autocast_trains_with_float32_weights(tmp_path):
     assert bf16[0]["loss"] == pytest.approx(fp32[0]["loss"], rel=0.05)  # ... computing the same thing
     weights = load_checkpoint(latest_checkpoint(bf16_dir))["model"]
     assert {t.dtype for t in weights.values()} == {torch.float32}
+
+
+def test_bf16_on_a_cpu_without_bf16_instructions_trains_in_fp32_with_a_warning(tmp_path, monkeypatch):
+    """There bf16 convolutions take PyTorch's reference path (~60x slower than fp32)."""
+    monkeypatch.setattr("difflab.devices.cpu_lacks_fast", lambda dtype: dtype == torch.bfloat16)
+    fp32 = read_log(run(tiny_config(train={"steps": 2}), tmp_path / "fp32"))
+    with pytest.warns(UserWarning, match="no native bfloat16 instructions.*training in fp32 instead"):
+        bf16 = read_log(run(tiny_config(train={"steps": 2, "precision": "bf16"}), tmp_path / "bf16"))
+    assert [r["loss"] for r in bf16] == [r["loss"] for r in fp32]
 
 
 def test_class_conditional_unet_trains_and_exports(tmp_path):

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import Denoiser, build_denoiser
+from difflab.devices import warn_if_slow
 from difflab.pipelines.folder import AUTOENCODER, CONTROL, DENOISER, component_dir, read_manifest, resolve
 from difflab.schedules import Schedule
 
@@ -37,6 +38,7 @@ def load_pipeline(
 
         net = ControlledUNet(net, load_network(component_dir(directory, manifest, CONTROL), device=device)).eval()
     if dtype is not None:
+        warn_if_slow(device, dtype)
         net = net.to(dtype)
     schedule = Schedule.from_config(manifest["schedule"])
     options = manifest.get("denoiser_options") or {}  # e.g. a consistency model's sigma_data

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from difflab.denoiser import Denoiser, device_of, network_dtype
-from difflab.devices import parse_dtype, pick_device
+from difflab.devices import parse_dtype, pick_device, warn_if_slow
 from difflab.guidance import check_scale, conditioned
 from difflab.pipelines.card import write_model_card
 from difflab.pipelines.folder import (
@@ -65,7 +65,6 @@ class Pipeline:
         from difflab.pipelines.unclip import UnCLIPPipeline, is_unclip
 
         if is_unclip(directory):
-
             if dtype is not None and parse_dtype(dtype) not in (None, torch.float32):
                 raise ValueError(f"unCLIP models sample in float32; got dtype {dtype!r}")
             return UnCLIPPipeline.from_pretrained(directory, pick_device(device))
@@ -93,6 +92,7 @@ class Pipeline:
             moves["device"] = pick_device(device)
         if dtype is not None:
             moves["dtype"] = parse_dtype(dtype)
+            warn_if_slow(moves.get("device", self.device), moves["dtype"])
         self.network.to(**moves)
         if self.decoder is not None:
             self.decoder.to(**moves)

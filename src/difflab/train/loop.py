@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from difflab.data.seeding import derive_seed
+from difflab.devices import slow_dtype_reason
 from difflab.train.batches import ShardSampler, ShardSchedule
 from difflab.train.checkpoint import (
     capture_rng,
@@ -180,6 +181,10 @@ class Trainer:
         supported = available(kind) and (kind != "cuda" or torch.cuda.is_bf16_supported())
         if not supported:
             warnings.warn(f"bf16 autocast is not supported on {self.device}; training in fp32", stacklevel=2)
+            return contextlib.nullcontext
+        slow = slow_dtype_reason(self.device, torch.bfloat16, "training")
+        if slow:
+            warnings.warn(f"{slow}; training in fp32 instead", stacklevel=2)
             return contextlib.nullcontext
         return lambda: torch.autocast(kind, dtype=torch.bfloat16)
 
