@@ -9,7 +9,8 @@ run exists (a missing run skips its sections):
     goal >= 80%) against the direct text-conditional model, with both runs' training times;
   - variations: --variations images decoded from each of the first test scenes' embeddings: the
     share with every attribute of the source kept (goal >= 90%) and the mean pixel distance
-    (RMS, images in [-1, 1]) to the source, which must not be 0 (a copy is not a variation).
+    (RMS, images in [-1, 1]) to the source, which must not be 0 (a copy is not a variation),
+    beside that distance between real scenes sharing a caption (0 here: a caption fixes a scene).
 
     python benchmarks/unclip.py --clip runs/shapes-clip --prior runs/shapes-prior \\
         --decoder runs/shapes-decoder --text-model runs/shapes-text [--n 200] [--steps 50]
@@ -71,6 +72,17 @@ def test_scenes(n: int) -> tuple[list[str], torch.Tensor]:
     test = get_dataset("shapes", "test", size=32, n=max(n, 2))
     items = [test[i] for i in range(n)]
     return [it["caption"] for it in items], torch.stack([it["x"] for it in items])
+
+
+def same_caption_rms(n: int = 2000) -> float:
+    """Mean pixel RMS between real test scenes that share a caption: how far a variation that
+    keeps every attribute can differ from its source in this data (0: a caption fixes the scene)."""
+    captions, images = test_scenes(n)
+    groups: dict[str, list[int]] = {}
+    for i, caption in enumerate(captions):
+        groups.setdefault(caption, []).append(i)
+    pairs = [(a, b) for idx in groups.values() for k, a in enumerate(idx) for b in idx[k + 1 :]]
+    return sum(float((images[a] - images[b]).pow(2).mean().sqrt()) for a, b in pairs) / max(len(pairs), 1)
 
 
 @torch.no_grad()
@@ -151,16 +163,20 @@ def main() -> None:
                                                   "decoder": training_seconds(args.decoder)}}  # fmt: skip
         grids.append(("unCLIP", x[:8]))
         src_caps, src = captions[: args.sources], images[: args.sources]
-        kept, distances, rows = [], [], []
+        kept, distances, rows, per_attribute = [], [], [], {}
         for i in range(len(src)):
             v = pipe.variations(src[i], args.variations, guidance=args.guidance, steps=args.steps, seed=args.seed + i)
             scores = ShapesJudge(judge_net, [src_caps[i]] * len(v), src[i : i + 1].expand(len(v), -1, -1, -1))(v)
             kept.append(scores["accuracy"])
+            for key in (k for k in scores if k.startswith("acc_")):  # which attribute a variation loses
+                per_attribute.setdefault(key, []).append(scores[key])
             distances.append(float((v - src[i]).pow(2).mean((1, 2, 3)).sqrt().mean()))
             rows.append(torch.cat([src[i : i + 1], v]))
         results["variations"] = {
             "attributes_kept": sum(kept) / len(kept), "mean_pixel_rms": sum(distances) / len(distances),
             "sources": len(src), "per_source": args.variations, "goal": 0.9,
+            **{key: sum(v) / len(v) for key, v in per_attribute.items()},
+            "real_same_caption_rms": same_caption_rms(),
         }  # fmt: skip
         grids.append(("variations", torch.cat(rows[:2])))
         print("unclip", results["unclip"], "variations", results["variations"])

@@ -238,6 +238,24 @@ def test_unet_image_embedding_is_off_by_default():
         plain(torch.randn(1, 3, 8, 8), 1, {"image_embed": torch.randn(1, 8)})
 
 
+def test_decoder_scales_the_unit_embedding_by_sqrt_dim_before_projecting_it():
+    """A unit embedding's components are ~1/sqrt(D): unscaled, its projections start sqrt(D)
+    times weaker than the time embedding (and the caption path wins). The scaled decoder must
+    equal an unscaled one fed sqrt(D) e, and the null (zero) embedding stays zero."""
+    den = tiny_decoder_denoiser()
+    unscaled = UnCLIPDecoder({**TINY_DECODER, "embed_scale": False}).eval()
+    unscaled.load_state_dict(den.net.state_dict())
+    x_t, t, cond = decoder_inputs()
+    with torch.no_grad():
+        scaled_out = den.net(x_t, t, dict(cond))
+        manual = unscaled(x_t, t, {**cond, "image_embed": cond["image_embed"] * 8**0.5})
+        plain = unscaled(x_t, t, dict(cond))
+        null = {**cond, "image_embed": torch.zeros(3, 8)}
+        torch.testing.assert_close(den.net(x_t, t, dict(null)), unscaled(x_t, t, dict(null)))
+    torch.testing.assert_close(scaled_out, manual)
+    assert (scaled_out - plain).abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- tiny runs
 
 

@@ -25,13 +25,17 @@ class UnCLIPDecoderConfig(NetConfig):
     """unet: the U-Net's settings (its image_embed_dim and context_dim are set here); image_embed_dim:
     the CLIP space; num_image_tokens: K context tokens made from the embedding; context_dim: the
     width of the context tokens (the text encoder's dim when there is one); text_encoder: a
-    TextEncoder's settings for the caption tokens, or {} for a decoder without captions."""
+    TextEncoder's settings for the caption tokens, or {} for a decoder without captions;
+    embed_scale: the embedding is multiplied by sqrt(image_embed_dim) before it is projected
+    (true) so that its components, ~1/sqrt(D) in a unit vector, reach unit scale like the
+    network's other inputs."""
 
     unet: dict = field(default_factory=dict)
     image_embed_dim: int = 64
     num_image_tokens: int = 4
     context_dim: int = 64
     text_encoder: dict = field(default_factory=dict)
+    embed_scale: bool = True
 
     def validate(self) -> None:
         if not isinstance(self.unet, dict) or not isinstance(self.text_encoder, dict):
@@ -91,5 +95,7 @@ class UnCLIPDecoder(ConfigModule):
                 f"got {getattr(embed, 'shape', embed)}"
             )
         embed = embed.to(self.image_tokens.weight.dtype)
+        if self.config.embed_scale:
+            embed = embed * self.config.image_embed_dim**0.5
         context, mask = self.context(embed, cond.pop("caption", None))
         return self.unet(x, t, {**cond, "image_embed": embed, "context": context, "context_mask": mask})
