@@ -5,9 +5,14 @@ on the test split, and the training time of the recipe.
     python benchmarks/digits.py [--model digits-ddpm] [--n N] [--quick] [--only ddim-50,ddim-10]
 
 Writes benchmarks/results/digits.json and the model's metrics.json (what `difflab demo`
-reports as recorded). Goal: at DDIM-50 (1,000 samples), >= 95% of samples confidently
-classified, digits FD <= 1.1x the real-vs-real floor at the same count, and a class histogram
-within 2 percentage points of uniform.
+reports as recorded); with --only, the other settings already in the JSON are kept. Goal: at
+DDIM-50 (1,000 samples), >= 95% of samples confidently classified, digits FD <= 1.1x the
+real-vs-real floor at the same count, and a class histogram within 2 percentage points of
+uniform.
+
+Each 1,000-sample setting is measured on --repeats disjoint noise sets (seeds seed, seed+1, ...)
+and reported as their mean (and sd): one set alone is not enough. The shipped model's DDIM-50 FD
+was 46.6, 64.7 and 51.4 on three sets of 1,000 (against 297 test digits).
 """
 
 from __future__ import annotations
@@ -32,8 +37,33 @@ from difflab.train import load_pipeline
 RESULTS = Path(__file__).resolve().parent / "results"
 # (sampler, steps, samples): the class histogram needs ~1000 samples for a 3-point goal to be
 # decidable (the binomial sd of a 10% share is 0.95 points at 1000, 1.7 at 300); DDPM-1000
-# costs 1000 network calls per batch, so it gets fewer.
+# costs 1000 network calls per batch, so it gets fewer and one noise set.
 SETTINGS = [("ddpm", 1000, 300), ("ddim", 50, 1000), ("ddim", 10, 1000), ("dpmpp_2m", 10, 1000)]
+
+
+def pooled(runs: list[dict]) -> dict:
+    """One setting over several noise sets: the first set's full record, with the FD, floor and
+    confident share replaced by their means over the sets (sd beside) and the class histogram
+    pooled over all samples."""
+
+    def mean_sd(key):
+        values = torch.tensor([r[key] for r in runs], dtype=torch.float64)
+        return values.mean().item(), (values.std().item() if len(runs) > 1 else 0.0)
+
+    out = dict(runs[0])
+    out["digits_fd"], out["digits_fd_sd"] = mean_sd("digits_fd")
+    out["floor_fd_same_count"], _ = mean_sd("floor_fd_same_count")
+    out["confident_share"], _ = mean_sd("confident_share")
+    counts = torch.tensor([r["class_histogram"]["counts"] for r in runs]).sum(0)
+    shares = counts.double() / counts.sum()
+    out["class_histogram"] = {"counts": counts.tolist(), "shares": shares.tolist()}
+    out["max_class_deviation_pp"] = float((shares - 1.0 / len(shares)).abs().max() * 100.0)
+    out["num_samples"] = sum(r["num_samples"] for r in runs)
+    out["sampling_seconds"] = sum(r["sampling_seconds"] for r in runs)
+    out["seeds"] = [r["seed"] for r in runs]
+    keys = ("digits_fd", "floor_fd_same_count", "confident_share", "max_class_deviation_pp")
+    out["per_seed"] = [{k: r[k] for k in keys} for r in runs]
+    return out
 
 
 def training_record(model_dir: Path) -> dict | None:
@@ -51,6 +81,7 @@ def main() -> None:
     p.add_argument("--only", default=None, help="comma-separated settings, e.g. ddim-50,ddim-10 (default: all)")
     p.add_argument("--dtype", default=None, help="network precision (float32 default, bf16): what it costs in quality")
     p.add_argument("--no-nll", action="store_true", help="skip the NLL bound (minutes on 2 cores)")
+    p.add_argument("--repeats", type=int, default=3, help="noise sets per 1,000-sample setting (DDPM-1000: one)")
     p.add_argument("--out", type=Path, default=RESULTS / "digits.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -73,12 +104,27 @@ def main() -> None:
         "samplers": {},
     }
     suffix = f"-{args.dtype}" if args.dtype else ""  # grids of another precision beside, not over, fp32's
+    if args.only and args.out.is_file():  # measure some settings again, keep the others
+        previous = json.loads(args.out.read_text())
+        if previous.get("model") == args.model and previous.get("dtype", "float32") == result["dtype"]:
+            result = {**previous, **{k: v for k, v in result.items() if k != "samplers"}}
+    repeats = 1 if args.quick else args.repeats
     for sampler, steps, n in settings:
-        metrics, samples = evaluate_digits(denoiser, sampler, steps, n=args.n or n, seed=args.seed)
+        runs = []
+        for r in range(repeats if sampler != "ddpm" else 1):
+            metrics, samples = evaluate_digits(denoiser, sampler, steps, n=args.n or n, seed=args.seed + r)
+            print(format_metrics(metrics), flush=True)
+            runs.append(metrics)
+            if r == 0:  # the first noise set's grid, as before
+                save_grid(samples[:100], args.out.parent / f"digits-{sampler}-{steps}{suffix}.png", nrow=10)
+        metrics = pooled(runs)
         metrics["nfe"] = steps
         result["samplers"][f"{sampler}-{steps}"] = metrics
-        print(format_metrics(metrics), flush=True)
-        save_grid(samples[:100], args.out.parent / f"digits-{sampler}-{steps}{suffix}.png", nrow=10)
+        if len(runs) > 1:
+            print(f"  mean over {len(runs)} noise sets: digits FD {metrics['digits_fd']:.1f} +- "
+                  f"{metrics['digits_fd_sd']:.1f} (floor {metrics['floor_fd_same_count']:.1f}), confident "
+                  f"{metrics['confident_share'] * 100:.1f}%, max class deviation "
+                  f"{metrics['max_class_deviation_pp']:.1f} pp", flush=True)  # fmt: skip
     ddim50 = result["samplers"]["ddim-50"]
     result["goal_met"] = (
         ddim50["confident_share"] >= 0.95
@@ -97,7 +143,8 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if not args.quick:
         summary = {k: result[k] for k in ("nll_bits_per_dim", "goal_met") if k in result}
-        summary["ddim-50"] = {k: ddim50[k] for k in ("digits_fd", "floor_fd_same_count", "confident_share")}
+        keys = ("digits_fd", "digits_fd_sd", "floor_fd_same_count", "confident_share", "num_samples")
+        summary["ddim-50"] = {k: ddim50[k] for k in keys}
         (model_dir / "metrics.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")
 

@@ -26,7 +26,7 @@ from difflab.pipelines import Pipeline, load_pipeline, new_manifest, read_manife
 from difflab.pipelines.cascade import CascadePipeline
 from difflab.pipelines.sampling import sample_seeds
 from difflab.process import Prediction
-from difflab.samplers import get_timesteps
+from difflab.samplers import default_spacing, get_timesteps
 from difflab.schedules import Schedule
 from difflab.train import run
 from difflab.train.config import Config
@@ -152,7 +152,8 @@ def test_truncated_conditioning_equals_running_the_base_chain_to_step_s():
     def explicit_chain(stop: int) -> torch.Tensor:  # DDIM (eta 0) by hand, from the same x_T
         gens = [torch.Generator().manual_seed(s) for s in sample_seeds(seed, n)]
         x = torch.stack([torch.randn((1, 1, 1), generator=g) for g in gens]).double()
-        ts = [t for t in get_timesteps(BASE_SCHEDULE, steps, "linspace").tolist() if t > stop] + [stop]
+        plan = get_timesteps(BASE_SCHEDULE, steps, default_spacing("ddim", BASE_SCHEDULE)).tolist()
+        ts = [t for t in plan if t > stop] + [stop]
         for t, t_next in zip(ts[:-1], ts[1:]):
             a, a_next = BASE_SCHEDULE.alpha_bar_at(t).item(), BASE_SCHEDULE.alpha_bar_at(t_next).item()
             x0 = MIX.posterior_mean(x.reshape(n, 1), torch.tensor(a)).reshape(x.shape)

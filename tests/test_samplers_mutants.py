@@ -132,16 +132,16 @@ def test_deterministic_callbacks_report_the_exact_path_in_vp_coordinates(name):
         torch.testing.assert_close(x, expected, atol=1e-7, rtol=1e-7, msg=f"{name} step {i}")
 
 
-def test_sample_defaults_are_ddim_with_50_linspace_steps_and_a_progress_bar(capsys):
+def test_sample_defaults_are_ddim_with_50_trailing_steps_and_a_progress_bar(capsys):
     den, cond, _ = point_problem()
     calls, callback = recorder()
     out = sample(den, (4, 2), callback=callback, cond=cond, generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(out.double(), cond["c"], atol=1e-5, rtol=0)
-    assert [c[1] for c in calls] == get_timesteps(SCHEDULE, 50, "linspace").tolist()
+    assert [c[1] for c in calls] == get_timesteps(SCHEDULE, 50, "trailing").tolist()
     assert_progress_bar(capsys.readouterr().err, "ddim")
     # sampling_plan has the same defaults, and passes rho on to the Karras ladder
     name, ts, options = sampling_plan(SCHEDULE)
-    assert name == "ddim" and options == {} and torch.equal(ts, get_timesteps(SCHEDULE, 50, "linspace"))
+    assert name == "ddim" and options == {} and torch.equal(ts, get_timesteps(SCHEDULE, 50, "trailing"))
     assert torch.equal(sampling_plan(SCHEDULE, "euler", 8)[1], get_timesteps(SCHEDULE, 8, "trailing"))
     for rho in (3.0, 7.0):
         karras = get_timesteps(SCHEDULE, 8, "karras", rho=rho)
