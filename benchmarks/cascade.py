@@ -8,8 +8,9 @@ against runs/shapes64-direct; the captions of the first n test scenes, judged at
 shipped attribute judge: attribute FD against those scenes, share with every attribute right):
 
 1. equal time: the cascade and the direct model, each with its own default sampling settings;
-   training time from each model's training.json (the cascade's is base + stage). Goal: the
-   cascade better on FD and accuracy at about equal time.
+   training time from each model's training.json (the cascade's is base + stage; the shipped
+   base's record comes from another machine, so --base-seconds can give its time measured here).
+   Goal: the cascade better on FD and accuracy at about equal time.
 2. augmentation ablation: stages trained without augmentation (RUN-none), with non-truncated
    (RUN) and truncated (RUN-truncated) augmentation, each swept over the level s it samples with
    (--levels; "none" only at 0; truncated: the levels on its base's steps). The base's samples
@@ -28,6 +29,7 @@ shipped attribute judge: attribute FD against those scenes, share with every att
 
     python benchmarks/cascade.py [--runs runs] [--only digits|shapes] [--n-digits 300] [--n-shapes 100]
     python benchmarks/cascade.py --quick       # smoke run: 8 samples, 3 steps per stage
+    python benchmarks/cascade.py --only digits --sections equal_time   # re-measure one section, keep the rest
 
 Runs (missing ones are skipped, and listed under "skipped" with the command that trains them):
     difflab train configs/digits-sr32.toml --out runs/digits-sr32
@@ -157,9 +159,13 @@ def equal_time(name: str, models: dict, judge: Judge, args) -> tuple[dict, list[
     low, high = cascade.generate_stages(judge.n, seed=args.seed, batch_size=args.batch_size, **common, **judge.options)
     seconds = time.perf_counter() - started
     base_s, stage_s = training_seconds(models["base"]), training_seconds(models["noise"])
+    base_source = "the base's training.json"
+    if name in args.base_seconds:  # the base's time re-measured on this machine (its record may be another's)
+        base_s, base_source = args.base_seconds[name], "--base-seconds"
     row = {"cascade": {**judge(high), "sampling_seconds": seconds, "settings": cascade.call_settings(**common),
                        "training_seconds": None if None in (base_s, stage_s) else base_s + stage_s,
-                       "base_training_seconds": base_s, "stage_training_seconds": stage_s}}  # fmt: skip
+                       "base_training_seconds": base_s, "base_training_seconds_from": base_source,
+                       "stage_training_seconds": stage_s}}  # fmt: skip
     pictures = [upsample(low[:8].clamp(-1, 1), high.shape[-1], "nearest"), high[:8]]
     if "direct" in models:
         direct = Pipeline.from_pretrained(models["direct"], device="cpu")
@@ -268,6 +274,9 @@ def guidance(name: str, models: dict, judge: Judge, args) -> dict:
     return out
 
 
+SECTIONS = {"ablation": ablation, "consistency": consistency, "guidance": guidance, "equal_time": equal_time}
+
+
 # ---------------------------------------------------------------- plot
 def plot(result: dict, path: Path) -> None:
     import matplotlib
@@ -338,16 +347,36 @@ def find_models(name: str, args) -> tuple[dict, list[dict]]:
     return models, skipped
 
 
+def parse_base_seconds(parser, items: list[str]) -> dict[str, float]:
+    out = {}
+    for item in items:
+        name, _, seconds = item.partition("=")
+        try:
+            value = float(seconds)
+        except ValueError:
+            value = math.nan
+        if name not in DATASETS or not value > 0:
+            parser.error(f"--base-seconds {item!r}: expected DATASET=SECONDS with DATASET one of "
+                         f"{', '.join(DATASETS)} and SECONDS a positive number")  # fmt: skip
+        out[name] = value
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", type=Path, default=Path("runs"), help="the folder holding the runs (default runs/)")
     p.add_argument("--only", choices=tuple(DATASETS), help="measure one dataset")
     p.add_argument("--digits-base", help="the digits base (default the shipped digits-cfg)")
     p.add_argument("--shapes-base", help="the shapes base (default the shipped shapes-text)")
+    p.add_argument("--base-seconds", nargs="+", default=[], metavar="DATASET=SECONDS",
+                   help="the base's training time measured on this machine (e.g. digits=3300: its steps times its "
+                        "seconds per step here), instead of the one its training.json recorded elsewhere")  # fmt: skip
     p.add_argument("--n-digits", type=int, default=300, help="samples per digits setting")
     p.add_argument("--n-shapes", type=int, default=100, help="samples (test prompts) per shapes setting")
     p.add_argument("--levels", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5])
     p.add_argument("--ws", type=float, nargs="+", default=[1.0, 3.0, 5.0, 8.0], help="the base's guidance weights")
+    p.add_argument("--sections", nargs="+", choices=tuple(SECTIONS), default=list(SECTIONS),
+                   help="measure only these (the JSON at --out keeps the others)")
     p.add_argument("--steps", type=int, help="steps of every stage (default: each model's own)")
     p.add_argument("--batch-size", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
@@ -356,11 +385,14 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="JSON path (default results/cascade.json, or cascade-quick.json)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    args.base_seconds = parse_base_seconds(p, args.base_seconds)
     if args.quick:
         args.n_digits = args.n_shapes = 8
         args.steps, args.levels, args.ws = 3, [0.0, 0.2], [1.0, 5.0]
     out = args.out or RESULTS / ("cascade-quick.json" if args.quick else "cascade.json")
+    earlier = json.loads(out.read_text()) if set(args.sections) != set(SECTIONS) and out.is_file() else {}
     result: dict = {
+        **earlier,  # --sections: the other sections of the same JSON are kept
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads",
         "saturated_threshold": SATURATED,
@@ -376,16 +408,21 @@ def main() -> None:
             continue
         size = Pipeline.from_pretrained(models["noise"], device="cpu").output_shape[-1]
         judge = Judge(name, args.n_digits if name == "digits" else args.n_shapes, size)
-        section = {"models": {k: str(v) for k, v in models.items()}, "image_size": size, "real_floor": judge.floor()}
-        section["equal_time"], pictures = equal_time(name, models, judge, args)
-        section["ablation"] = ablation(name, models, judge, args)
-        section["consistency"] = consistency(name, models, judge, args)
-        section["guidance"] = guidance(name, models, judge, args)
+        section = result[name] if isinstance(result.get(name), dict) and "models" in result[name] else {}
+        section.update(models={k: str(v) for k, v in models.items()}, image_size=size, real_floor=judge.floor())
         result[name] = section
-        samples += [pic.clamp(-1, 1) if pic.shape[1] == 3 else pic.clamp(-1, 1).expand(-1, 3, -1, -1)
-                    for pic in pictures]  # fmt: skip
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")  # after each dataset: a partial result survives
+        for key in SECTIONS:  # equal time last: its direct run is the longest to sample
+            if key not in args.sections:
+                continue
+            measured = SECTIONS[key](name, models, judge, args)
+            if key == "equal_time":
+                measured, pictures = measured
+                samples += [pic.clamp(-1, 1) if pic.shape[1] == 3 else pic.clamp(-1, 1).expand(-1, 3, -1, -1)
+                            for pic in pictures]  # fmt: skip
+            measured["measured_with"] = {"n": judge.n, "steps": args.steps, "seed": args.seed, "threads": args.threads}
+            section[key] = measured
+            out.write_text(json.dumps(result, indent=2) + "\n")  # after each section: a partial result survives
     for item in result["skipped"]:
         say(f"skipped {item['run']}: {item['train']}")
     out.parent.mkdir(parents=True, exist_ok=True)

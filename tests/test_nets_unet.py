@@ -23,6 +23,7 @@ COMBOS = {
     "resblock_updown_learn_sigma": dict(resblock_updown=True, learn_sigma=True),
     "pool_resample_blocks_per_level": dict(conv_resample=False, num_res_blocks=(1, 2)),
     "efficient": dict(efficient_updown=True, num_res_blocks=(2, 1), attention_resolutions=(4,)),
+    "efficient_final_block": dict(efficient_updown=True, final_block=True, attention_resolutions=(4,)),
     "efficient_resblock_updown": dict(
         efficient_updown=True, resblock_updown=True, attention_resolutions=(2, 4)
     ),
@@ -135,6 +136,23 @@ def test_efficient_updown_runs_no_res_block_at_full_resolution():
         x, t, _ = make_inputs(net)
         net(x, t)
     assert {efficient: max(widths) for efficient, widths in seen.items()} == {False: 8, True: 4}
+
+
+def test_final_block_is_one_full_resolution_res_block_on_the_input_conv_skip():
+    net = make_unet(efficient_updown=True, final_block=True, attention_resolutions=())
+    inputs = []
+    for module in net.modules():
+        if isinstance(module, ResBlock):
+            module.register_forward_hook(lambda m, args, out: inputs.append(args[0]))
+    x, t, _ = make_inputs(net)
+    net(x, t)
+    widths = [h.shape[-1] for h in inputs]
+    assert widths.count(8) == 1 and widths[-1] == 8  # the last block, the only one at full resolution
+    start = net.encoder.input_conv(x)
+    assert torch.equal(inputs[-1][:, -start.shape[1]:], start)  # its input ends with the input conv's output
+    assert net.control_shapes(8, 8)[0] == (8, 8, 8)  # a ControlNet adds to that skip as well
+    with pytest.raises(ValueError, match="final_block = true needs efficient_updown = true"):
+        make_unet(final_block=True)
 
 
 def test_num_res_blocks_per_level_sets_block_counts():
