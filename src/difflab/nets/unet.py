@@ -279,16 +279,21 @@ class UNetEncoder(nn.Module):
     Shared by :class:`UNet` and the noisy classifier. ``skip_specs[i]`` is
     (channels, downsampling factor) of the i-th stored skip, in the order stored.
     ``mid_attention_norm`` false: the middle block's self-attention has no GroupNorm.
+    ``input_skip``: keep the input conv's output as a skip even with efficient_updown (the
+    U-Net's final_block reads it).
     """
 
-    def __init__(self, config: Any, in_channels: int, blocks: BlockFactory, *, mid_attention_norm: bool = True):
+    def __init__(
+        self, config: Any, in_channels: int, blocks: BlockFactory, *, mid_attention_norm: bool = True,
+        input_skip: bool = False,
+    ):
         super().__init__()
         mult, base = config.channel_mult, config.model_channels
         attention_at = set(config.attention_resolutions)
         efficient = config.efficient_updown
         channels = base * mult[0]
         self.input_conv = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.keeps_input_skip = not efficient or getattr(config, "final_block", False)
+        self.keeps_input_skip = not efficient or input_skip
         self.skip_specs: list[tuple[int, int]] = [(channels, 1)] if self.keeps_input_skip else []
         self.down_blocks = nn.ModuleList()
         factor = 1
@@ -370,7 +375,9 @@ class UNet(ConfigModule):
         self.image_embed_proj = nn.Linear(cfg.image_embed_dim, embed_dim) if cfg.image_embed_dim else None
         blocks = block_factory(cfg, embed_dim, cfg.context_dim, norm_eps=cfg.norm_eps)
         input_channels = cfg.in_channels + cfg.concat_channels + (2 if cfg.coordinate_channels else 0)
-        self.encoder = UNetEncoder(cfg, input_channels, blocks, mid_attention_norm=cfg.mid_attention_norm)
+        self.encoder = UNetEncoder(
+            cfg, input_channels, blocks, mid_attention_norm=cfg.mid_attention_norm, input_skip=cfg.final_block
+        )
 
         attention_at = set(cfg.attention_resolutions)
         skip_channels = [c for c, _ in self.encoder.skip_specs]
