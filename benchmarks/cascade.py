@@ -38,8 +38,8 @@ Runs (missing ones are skipped, and listed under "skipped" with the command that
     difflab train configs/digits32-direct.toml --out runs/digits32-direct
     (and the same for shapes with configs/shapes-sr64.toml, runs/shapes-sr64*, configs/shapes64-direct.toml)
 
-Writes benchmarks/results/cascade.json, cascade.png (the curves) and cascade-samples.png (per
-dataset: base | cascade | direct).
+Writes benchmarks/results/cascade.json, cascade.png (the curves) and cascade-samples-DATASET.png
+(rows: base | cascade | direct). --only and --sections keep what the JSON already holds of the rest.
 """
 
 from __future__ import annotations
@@ -390,15 +390,16 @@ def main() -> None:
         args.n_digits = args.n_shapes = 8
         args.steps, args.levels, args.ws = 3, [0.0, 0.2], [1.0, 5.0]
     out = args.out or RESULTS / ("cascade-quick.json" if args.quick else "cascade.json")
-    earlier = json.loads(out.read_text()) if set(args.sections) != set(SECTIONS) and out.is_file() else {}
+    partial = args.only or set(args.sections) != set(SECTIONS)
+    earlier = json.loads(out.read_text()) if partial and out.is_file() else {}
     result: dict = {
-        **earlier,  # --sections: the other sections of the same JSON are kept
+        **earlier,  # --only, --sections: the other dataset and sections of the same JSON are kept
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads",
         "saturated_threshold": SATURATED,
         "skipped": [],
     }
-    samples = []
+    samples: dict[str, list[torch.Tensor]] = {}
     for name in [args.only] if args.only else list(DATASETS):
         models, skipped = find_models(name, args)
         result["skipped"] += skipped
@@ -418,7 +419,7 @@ def main() -> None:
             measured = SECTIONS[key](name, models, judge, args)
             if key == "equal_time":
                 measured, pictures = measured
-                samples += [pic.clamp(-1, 1) if pic.shape[1] == 3 else pic.clamp(-1, 1).expand(-1, 3, -1, -1)
+                samples[name] = [pic.clamp(-1, 1) if pic.shape[1] == 3 else pic.clamp(-1, 1).expand(-1, 3, -1, -1)
                             for pic in pictures]  # fmt: skip
             measured["measured_with"] = {"n": judge.n, "steps": args.steps, "seed": args.seed, "threads": args.threads}
             section[key] = measured
@@ -429,11 +430,12 @@ def main() -> None:
     out.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, out.with_suffix(".png"))
     wrote = [str(out), str(out.with_suffix(".png"))]
-    if samples:
-        size = max(x.shape[-1] for x in samples)
-        rows = [torch.nn.functional.interpolate(x, size=(size, size), mode="nearest") for x in samples]
-        save_grid(torch.cat(rows), out.with_name(out.stem + "-samples.png"), nrow=8)
-        wrote.append(str(out.with_name(out.stem + "-samples.png")))
+    for name, pictures in samples.items():  # one picture per dataset: a later --only run keeps the other's
+        size = max(x.shape[-1] for x in pictures)
+        rows = [torch.nn.functional.interpolate(x, size=(size, size), mode="nearest") for x in pictures]
+        path = out.with_name(f"{out.stem}-samples-{name}.png")
+        save_grid(torch.cat(rows), path, nrow=8)
+        wrote.append(str(path))
     say(f"wrote {', '.join(wrote)}")
 
 

@@ -24,6 +24,7 @@ denoiser, at batch 1 and 4096 x 2.
 
     python benchmarks/samplers.py            # full run (22 min on 2 CPU cores shared with training)
     python benchmarks/samplers.py --quick    # smoke run (~1 min)
+    python benchmarks/samplers.py --sections cost   # re-measure the cost only, keep the rest
 
 Writes benchmarks/results/samplers.json and benchmarks/results/samplers.png.
 """
@@ -430,11 +431,16 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+SECTIONS = ("quality", "cost", "overhead")
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small smoke run")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest when shared)")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results (quick: a temp dir)")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="re-measure only these; the JSON's other sections are kept")  # fmt: skip
     args = parser.parse_args(argv)
     if args.out is None:  # a smoke run must not overwrite the real results
         args.out = Path(tempfile.gettempdir()) / "difflab-bench" if args.quick else RESULTS
@@ -449,34 +455,40 @@ def main(argv=None) -> dict:
             n2=10_000, n64=1000, nfes=NFES, n_ref=200_000, n_dirs=256, n_floor=20, n_draws=3, steps=500, repeats=5
         )
         cfg.update(cost_steps=50, cost_repeats=7)
-    log("quality (SW2 vs NFE)")
-    results = {
-        "config": {
-            **cfg,
-            "quick": args.quick,
-            "threads": args.threads,
-            "torch": torch.__version__,
-            "diffusers": _diffusers_version(),
-            "diffusers_schedule": SCHEDULE,
-            "diffusers_counterparts": {k: [v[0], v[1]] for k, v in DIFFUSERS.items()},
-            "python": platform.python_version(),
-            "machine": platform.machine(),
-        },
-        "quality": {
+    path = args.out / "samplers.json"
+    partial = set(args.sections) != set(SECTIONS)
+    results = json.loads(path.read_text()) if partial and path.is_file() else {}
+    today = time.strftime("%Y-%m-%d")
+    results["config"] = {
+        **cfg,
+        "quick": args.quick,
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "diffusers": _diffusers_version(),
+        "diffusers_schedule": SCHEDULE,
+        "diffusers_counterparts": {k: [v[0], v[1]] for k, v in DIFFUSERS.items()},
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "measured_on": {**results.get("config", {}).get("measured_on", {}), **dict.fromkeys(args.sections, today)},
+    }
+    if "quality" in args.sections:
+        log("quality (SW2 vs NFE)")
+        results["quality"] = {
             key: quality(mixture, n, cfg["nfes"], n_ref, cfg["n_dirs"], cfg["n_floor"], cfg["n_draws"], log)
             for key, mixture, n, n_ref in [
                 ("2d", mixture_2d(), cfg["n2"], cfg["n_ref"]),
                 ("64d", mixture_64d(), cfg["n64"], cfg["n_ref"] // 4),
             ]
-        },
-    }
-    log("cost (us per NFE of a whole call, free network, difflab vs diffusers)")
-    results["cost"] = cost([(1, 64), (4096, 64)], cfg["cost_steps"], cfg["cost_repeats"], log)
-    log("overhead (us per step, constant denoiser)")
-    results["overhead"] = overhead((1, 4096), cfg["steps"], cfg["repeats"], log)
+        }
+    if "cost" in args.sections:
+        log("cost (us per NFE of a whole call, free network, difflab vs diffusers)")
+        results["cost"] = cost([(1, 64), (4096, 64)], cfg["cost_steps"], cfg["cost_repeats"], log)
+    if "overhead" in args.sections:
+        log("overhead (us per step, constant denoiser)")
+        results["overhead"] = overhead((1, 4096), cfg["steps"], cfg["repeats"], log)
     results["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "samplers.json").write_text(json.dumps(results, indent=1))
+    path.write_text(json.dumps(results, indent=1))
     plot(results, args.out / "samplers.png")
     for key, res in results["quality"].items():
         best = res["best_nfe_le_20"]
