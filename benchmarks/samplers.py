@@ -489,8 +489,9 @@ def main(argv=None) -> dict:
     results["seconds"] = time.perf_counter() - started
     args.out.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=1))
-    plot(results, args.out / "samplers.png")
-    for key, res in results["quality"].items():
+    if "quality" in results and "cost" in results:  # a partial run with no earlier JSON has no picture
+        plot(results, args.out / "samplers.png")
+    for key, res in results.get("quality", {}).items():
         best = res["best_nfe_le_20"]
         log(f"{key}: best at NFE <= 20: {best['sampler']} (NFE {best['nfe']}) at {best['ratio']:.2f} x floor")
         worse = [
