@@ -392,17 +392,17 @@ def main() -> None:
     out = args.out or RESULTS / ("cascade-quick.json" if args.quick else "cascade.json")
     partial = args.only or set(args.sections) != set(SECTIONS)
     earlier = json.loads(out.read_text()) if partial and out.is_file() else {}
+    found = {name: find_models(name, args) for name in DATASETS}  # "skipped": what is missing now, every dataset
     result: dict = {
         **earlier,  # --only, --sections: the other dataset and sections of the same JSON are kept
         "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch threads",
         "saturated_threshold": SATURATED,
-        "skipped": [],
+        "skipped": [item for _, skipped in found.values() for item in skipped],
     }
     samples: dict[str, list[torch.Tensor]] = {}
     for name in [args.only] if args.only else list(DATASETS):
-        models, skipped = find_models(name, args)
-        result["skipped"] += skipped
+        models, skipped = found[name]
         if "noise" not in models:
             say(f"{name}: skipped (no {DATASETS[name]['stage']} run); train it with: {skipped[0]['train']}")
             result[name] = {"skipped": "no super-resolution stage run"}
